@@ -1,0 +1,45 @@
+# ToolServer: `make run` starts the manager on the embedded default, `make test` runs the whole suite.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+CONFIG ?= config/manager.yml
+
+.PHONY: venv run test test-fast lint node-image docker-ready bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -U pip
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,postgres]'
+	touch $@
+
+venv: $(STAMP)
+
+run: venv
+	$(BIN)/toolserver manager --config $(CONFIG)
+
+# Starts dockerd when it is not running and builds the node image the Docker tests need.
+docker-ready: venv
+	bash scripts/ensure-docker.sh
+	$(MAKE) node-image
+
+node-image: venv
+	bash scripts/build-node-image.sh
+
+test: venv docker-ready
+	$(BIN)/ruff check src tests bench
+	$(BIN)/pytest
+
+# The suite without Docker (for machines without a Docker Engine).
+test-fast: venv
+	$(BIN)/pytest -m "not docker"
+
+lint: venv
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+bench: venv
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) data build dist *.egg-info

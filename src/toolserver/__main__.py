@@ -1,0 +1,3 @@
+from toolserver.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""The one exception tree of ToolServer.
+
+::
+
+    ToolServerError
+    ├── ConfigError                 bad or unknown configuration key/value
+    ├── RuntimeBackendError         a runtime (process, docker) failed to do what it was asked
+    │   ├── RuntimeUnavailable      the runtime backend cannot be reached (e.g. Docker Engine down)
+    │   └── NodeNotFound            the runtime has no such node (already gone)
+    ├── NodeStartError              a node did not become ready (failed or timed out)
+    ├── SessionError                a session request cannot be served
+    │   ├── InvalidSession          missing/unknown node_id
+    │   └── CapacityExceeded        node.max_nodes reached
+    ├── ToolError                   raised inside a node while running a tool
+    │   ├── ToolNotFound            no tool by that name (404)
+    │   ├── ToolArgumentError       arguments fail the tool's schema (422)
+    │   ├── OutputNotReady          long-running work, fetch later (450)
+    │   ├── WorkspacePathError      a path escapes the workspace (400)
+    │   └── ToolRegistrationError   a tool cannot be registered (duplicate, bad code)
+    └── ClientError                 raised by toolserver.client for an error answer
+"""
+
+from __future__ import annotations
+
+
+class ToolServerError(Exception):
+    """Root of every error that ToolServer raises on purpose."""
+
+
+class ConfigError(ToolServerError):
+    """Configuration is invalid; the message names the offending key."""
+
+
+class RuntimeBackendError(ToolServerError):
+    """A runtime backend failed an operation."""
+
+
+class RuntimeUnavailable(RuntimeBackendError):
+    """The runtime backend cannot be reached at all (e.g. the Docker Engine is down)."""
+
+
+class NodeNotFound(RuntimeBackendError):
+    """The runtime has no node for the given state: it is already gone."""
+
+
+class NodeStartError(ToolServerError):
+    """A node failed to start or did not become ready in time."""
+
+
+class SessionError(ToolServerError):
+    """A session request cannot be served."""
+
+
+class InvalidSession(SessionError):
+    """The node_id is missing or unknown."""
+
+
+class CapacityExceeded(SessionError):
+    """The manager already runs node.max_nodes nodes."""
+
+
+class ToolError(ToolServerError):
+    """An error raised while running a tool inside a node."""
+
+    status_code = 500
+
+
+class ToolNotFound(ToolError):
+    status_code = 404
+
+
+class ToolArgumentError(ToolError):
+    status_code = 422
+
+
+class OutputNotReady(ToolError):
+    """Work continues in the background; the message says how to fetch its output later."""
+
+    status_code = 450
+
+
+class WorkspacePathError(ToolError):
+    status_code = 400
+
+
+class ToolRegistrationError(ToolError):
+    status_code = 400
+
+
+class ClientError(ToolServerError):
+    """An error answer received by the client SDK."""
+
+    def __init__(self, message: str, status_code: int | None = None, body: object = None) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+        self.body = body

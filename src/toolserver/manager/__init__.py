@@ -1,0 +1,1 @@
+"""The manager: sessions, routing to nodes, records and the node checker."""

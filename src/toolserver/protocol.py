@@ -1,0 +1,60 @@
+"""Wire-level names and models shared by the manager, the node and the client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+#: Cookie that carries a session's node id (XAgent's client relies on this name).
+COOKIE_NAME = "node_id"
+#: Header the manager adds to every forwarded request; the node refuses requests without it.
+SECRET_HEADER = "X-ToolServer-Node-Secret"
+#: Environment variable through which a runtime hands the secret to the node process.
+SECRET_ENV = "TOOLSERVER_NODE_SECRET"
+#: Status code XAgent uses for "output not ready yet".
+STATUS_OUTPUT_NOT_READY = 450
+
+#: Node paths the manager forwards by default (XAgent's manager.yml ``redirect_to_node_path``).
+DEFAULT_REDIRECT_POST = [
+    "/",
+    "/execute_tool",
+    "/upload_file",
+    "/download_file",
+    "/download_workspace",
+    "/get_workspace_structure",
+    "/get_available_tools",
+    "/retrieving_tools",
+    "/get_json_schema_for_tools",
+    "/get_json_schema_for_envs",
+    "/register_new_tool",
+]
+DEFAULT_REDIRECT_GET = ["/"]
+
+
+class ExecuteToolRequest(BaseModel):
+    tool_name: str
+    arguments: dict[str, Any] | str = Field(default_factory=dict)
+    env_name: str | None = None
+
+
+class DownloadFileRequest(BaseModel):
+    file_path: str
+
+
+class ToolNamesRequest(BaseModel):
+    tool_names: list[str]
+
+
+class EnvNamesRequest(BaseModel):
+    env_names: list[str]
+
+
+class RetrieveToolsRequest(BaseModel):
+    question: str
+    top_k: int = Field(default=5, ge=1, le=100)
+
+
+class RegisterToolRequest(BaseModel):
+    tool_name: str
+    code: str
