@@ -10,7 +10,9 @@ from toolserver import __version__
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="toolserver", description="A sandboxed tool server per agent session.")
+    parser = argparse.ArgumentParser(
+        prog="toolserver", description="A sandboxed tool server per agent session."
+    )
     parser.add_argument("--version", action="version", version=f"toolserver {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -23,7 +25,9 @@ def _build_parser() -> argparse.ArgumentParser:
     node = sub.add_parser("node", help="run one node (the tool server of a session)")
     node.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     node.add_argument("--port", type=int, default=31942, help="port to bind (default 31942)")
-    node.add_argument("--workspace", type=Path, default=Path("workspace"), help="the only directory it writes")
+    node.add_argument(
+        "--workspace", type=Path, default=Path("workspace"), help="the only directory it writes"
+    )
     node.add_argument("--config", type=Path, help="YAML node config file")
     node.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
 
@@ -37,8 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "node":
         from toolserver.node.server import serve
 
-        serve(host=args.host, port=args.port, workspace=args.workspace, config=args.config,
-              log_level=args.log_level)
+        serve(
+            host=args.host,
+            port=args.port,
+            workspace=args.workspace,
+            config=args.config,
+            log_level=args.log_level,
+        )
         return 0
 
     from toolserver.errors import ConfigError

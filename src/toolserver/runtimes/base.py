@@ -81,7 +81,7 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     async def stop(self, state: dict[str, Any], grace: float = 5.0) -> None:
-        """Stop gracefully: terminate, then kill after ``grace`` seconds. Stopping a stopped node is a no-op."""
+        """Stop gracefully: terminate, then kill after ``grace`` seconds. A stopped node stays as it is."""
 
     async def restart(self, state: dict[str, Any], grace: float = 5.0) -> NodeInfo:
         """Stop then start; the workspace survives."""

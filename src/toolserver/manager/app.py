@@ -1,0 +1,155 @@
+"""The manager's HTTP app: session routes, the proxy to nodes, and the checker's lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Cookie, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from toolserver.errors import (
+    CapacityExceeded,
+    InvalidSession,
+    NodeNotFound,
+    NodeStartError,
+    RuntimeBackendError,
+    RuntimeUnavailable,
+)
+from toolserver.manager.activity import ActivityBuffer
+from toolserver.manager.checker import NodeChecker
+from toolserver.manager.sessions import SessionService
+from toolserver.manager.settings import Settings
+from toolserver.manager.store import open_store
+from toolserver.protocol import COOKIE_NAME
+from toolserver.runtimes import Runtime, create_runtime
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_SECONDS = 5
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    store = await open_store(settings.database_url)
+    runtime: Runtime = app.state.runtime or create_runtime(settings)
+    activity = ActivityBuffer(store)
+    sessions = SessionService(settings, store, runtime, activity)
+    from toolserver.manager.proxy import NodeProxy
+
+    proxy = NodeProxy(sessions, activity, settings.node.request_timeout_seconds)
+    checker = NodeChecker(settings, store, runtime, activity=activity, busy=sessions.busy)
+    app.state.store, app.state.sessions, app.state.proxy, app.state.checker = store, sessions, proxy, checker
+    activity.start()
+    checker_task: asyncio.Task[None] | None = None
+    if settings.builtin_monitor:
+        if await checker.register():
+            checker_task = asyncio.create_task(checker.run(), name="node-checker")
+        else:
+            log.warning(
+                "another checker runs for manager %s; not starting the builtin one", settings.manager_id
+            )
+    app.state.checker_task = checker_task
+    log.info(
+        "manager %s ready (runtime %s, database %s)",
+        settings.manager_id,
+        runtime.name,
+        store.url.render_as_string(hide_password=True),
+    )
+    try:
+        yield
+    finally:
+        if checker_task is not None:
+            checker_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await checker_task
+            await checker.unregister()
+        await activity.aclose()
+        if settings.node.on_shutdown == "stop":
+            await sessions.stop_all()
+        await proxy.aclose()
+        await runtime.aclose()
+        await store.aclose()
+
+
+def _error(status: int, detail: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers or None)
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
+    """Build the manager. ``runtime`` overrides the one named in settings (tests inject faults this way)."""
+    app = FastAPI(
+        title="ToolServer manager",
+        version=settings.version,
+        lifespan=_lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.runtime = runtime
+    server_header = f"ToolServerManager/{settings.version}"
+
+    @app.exception_handler(InvalidSession)
+    async def _invalid(_: Request, exc: InvalidSession) -> JSONResponse:
+        # XAgent's client expects the plain string "invalid node_id: ..."
+        return JSONResponse(str(exc), status_code=403)
+
+    @app.exception_handler(CapacityExceeded)
+    async def _full(_: Request, exc: CapacityExceeded) -> JSONResponse:
+        return _error(429, str(exc), **{"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+    @app.exception_handler(NodeNotFound)
+    async def _gone(_: Request, exc: NodeNotFound) -> JSONResponse:
+        return _error(503, f"node is gone: {exc}; release the session and get a new cookie")
+
+    @app.exception_handler(RuntimeUnavailable)
+    async def _unavailable(_: Request, exc: RuntimeUnavailable) -> JSONResponse:
+        return _error(503, f"runtime unavailable: {exc}")
+
+    @app.exception_handler(RuntimeBackendError)
+    async def _backend(_: Request, exc: RuntimeBackendError) -> JSONResponse:
+        return _error(503, f"runtime error: {exc}")
+
+    @app.exception_handler(NodeStartError)
+    async def _start(_: Request, exc: NodeStartError) -> JSONResponse:
+        return _error(503, str(exc))
+
+    @app.get("/alive")
+    async def alive() -> str:
+        return "alive"
+
+    @app.post("/get_cookie")
+    async def get_cookie(request: Request) -> JSONResponse:
+        node = await request.app.state.sessions.create()
+        response = JSONResponse({"message": "add cookie", "version": settings.version})
+        response.headers["Server"] = server_header
+        response.set_cookie(COOKIE_NAME, node.id, httponly=True, samesite="lax")
+        return response
+
+    @app.post("/reconnect_session")
+    async def reconnect_session(request: Request, node_id: str | None = Cookie(None)) -> str:
+        await request.app.state.sessions.reconnect(node_id)
+        return f"Reconnect session: {node_id}"
+
+    @app.post("/close_session")
+    async def close_session(request: Request, node_id: str | None = Cookie(None)) -> str:
+        await request.app.state.sessions.close(node_id)
+        return f"Close session: {node_id}"
+
+    @app.post("/release_session")
+    async def release_session(request: Request, node_id: str | None = Cookie(None)) -> str:
+        await request.app.state.sessions.release(node_id)
+        return f"Release session: {node_id}"
+
+    async def forward(request: Request):  # type: ignore[no-untyped-def]
+        return await request.app.state.proxy.forward(request)
+
+    paths = settings.redirect_to_node_path
+    for path in sorted(set(paths.post) | set(paths.get)):
+        methods = [m for m, ps in (("POST", paths.post), ("GET", paths.get)) if path in ps]
+        app.add_route(path, forward, methods=methods, include_in_schema=False)
+    return app

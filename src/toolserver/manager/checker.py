@@ -1,0 +1,240 @@
+"""The node checker: keeps the records true to what the runtime runs.
+
+Each tick, in one pass: read every node of this manager from the runtime (one ``list`` call), then
+the records; mirror status and health into the records; delete records whose node is gone; stop
+nodes idle for ``node.idling_close_minutes``; release nodes stopped for ``node.idling_release_minutes``;
+remove runtime nodes that carry this manager's mark but have no record. An error on one node is
+logged and the tick goes on. The loop runs while its NodeChecker record exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from toolserver.errors import NodeNotFound
+from toolserver.manager.activity import ActivityBuffer
+from toolserver.manager.models import STATUS_CREATED, STOPPED_STATUSES, ToolServerNode, utcnow
+from toolserver.manager.settings import Settings
+from toolserver.manager.store import Store
+from toolserver.runtimes.base import RUNNING, NodeInfo, Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TickReport:
+    """What one tick saw and did (for logs, tests and the benchmark)."""
+
+    nodes: int = 0
+    updated: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    errors: int = 0
+    seconds: float = 0.0
+
+
+class NodeChecker:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        runtime: Runtime,
+        *,
+        activity: ActivityBuffer | None = None,
+        busy: set[str] | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.runtime = runtime
+        self.activity = activity
+        self.busy = busy if busy is not None else set()
+        self.clock = clock
+        self.manager_id = settings.manager_id
+        self.pid = os.getpid()
+        self._limit = asyncio.Semaphore(8)
+
+    # ---- one tick -----------------------------------------------------------------------------------
+
+    async def tick(self) -> TickReport:
+        started = time.perf_counter()
+        report = TickReport()
+        # runtime first, records second: a node that appears in the list always has its record by then
+        infos = {i.node_id: i for i in await self.runtime.list(self.manager_id)}
+        if self.activity is not None:
+            await self.activity.flush()
+        records = await self.store.list_nodes(self.manager_id)
+        report.nodes = len(records)
+        now = self.clock()
+        changes: dict[str, dict[str, Any]] = {}
+        actions: list[tuple[str, ToolServerNode]] = []
+        known = set()
+        for node in records:
+            known.add(node.short_id)
+            if node.id in self.busy:
+                continue
+            try:
+                self._plan(node, infos.get(node.short_id), now, changes, actions, report)
+            except Exception:
+                report.errors += 1
+                log.exception("checker: node %s", node.short_id)
+        if changes:
+            await self.store.update_nodes(changes)
+            report.updated = [n for n in changes if n not in report.deleted]
+        if report.deleted:
+            await self.store.delete_nodes(report.deleted)
+        orphans = [i for sid, i in infos.items() if sid not in known]
+        await asyncio.gather(
+            *(self._act(kind, node, report) for kind, node in actions),
+            *(self._remove_orphan(i, report) for i in orphans),
+        )
+        report.seconds = time.perf_counter() - started
+        return report
+
+    def _plan(
+        self,
+        node: ToolServerNode,
+        info: NodeInfo | None,
+        now: datetime,
+        changes: dict[str, dict[str, Any]],
+        actions: list[tuple[str, ToolServerNode]],
+        report: TickReport,
+    ) -> None:
+        cfg = self.settings.node
+        if info is None:
+            starting = node.status == STATUS_CREATED and now - node.created_at < timedelta(
+                seconds=cfg.creation_wait_seconds
+            )
+            if not starting:
+                log.info("checker: node %s no longer exists; deleting its record", node.short_id)
+                report.deleted.append(node.id)
+            return
+        fields: dict[str, Any] = {}
+        if info.status != node.status:
+            log.info("checker: node %s status %s -> %s", node.short_id, node.status, info.status)
+            fields.update(status=info.status, status_changed_at=now, detail=info.detail)
+            node.status_changed_at = now
+        if info.health != node.health:
+            fields["health"] = info.health
+        if info.running and (info.host, info.port) != (node.ip, node.port):
+            fields.update(ip=info.host, port=info.port, runtime_state=info.state)
+        if fields:
+            changes[node.id] = fields
+        if info.status == RUNNING:
+            last = node.last_req_time
+            if self.activity is not None:
+                last = max(last, self.activity.pending(node.id) or last)
+            if now - last >= timedelta(minutes=cfg.idling_close_minutes):
+                actions.append(("stop", node))
+        elif info.status in STOPPED_STATUSES and now - node.status_changed_at >= timedelta(
+            minutes=cfg.idling_release_minutes
+        ):
+            actions.append(("release", node))
+
+    async def _act(self, kind: str, node: ToolServerNode, report: TickReport) -> None:
+        async with self._limit:
+            try:
+                if kind == "stop":
+                    log.info("checker: stopping node %s, idle since %s", node.short_id, node.last_req_time)
+                    await self.runtime.stop(node.runtime_state, self.settings.node.stop_grace_seconds)
+                    await self.store.update_node(
+                        node.id,
+                        status="exited",
+                        health="unhealthy",
+                        status_changed_at=self.clock(),
+                        detail="stopped: idle",
+                    )
+                    report.stopped.append(node.id)
+                else:
+                    log.info(
+                        "checker: releasing node %s, stopped since %s", node.short_id, node.status_changed_at
+                    )
+                    with contextlib.suppress(NodeNotFound):
+                        await self.runtime.remove(node.runtime_state)
+                    await self.store.delete_nodes([node.id])
+                    report.released.append(node.id)
+            except Exception:
+                report.errors += 1
+                log.exception("checker: could not %s node %s", kind, node.short_id)
+
+    async def _remove_orphan(self, info: NodeInfo, report: TickReport) -> None:
+        async with self._limit:
+            try:
+                log.warning("checker: removing orphan node %s (no record)", info.node_id)
+                with contextlib.suppress(NodeNotFound):
+                    await self.runtime.remove(info.state)
+                report.orphans.append(info.node_id)
+            except Exception:
+                report.errors += 1
+                log.exception("checker: could not remove orphan %s", info.node_id)
+
+    # ---- the loop -----------------------------------------------------------------------------------
+
+    async def register(self) -> bool:
+        """Clean stale checker records, then register this one. False when another live checker runs."""
+        interval = self.settings.node.health_check_interval
+        stale = await self.store.delete_stale_checkers(stale_after=max(30.0, 10 * interval))
+        for manager_id in stale:
+            log.info("checker: deleted stale NodeChecker record of manager %s", manager_id)
+        return await self.store.register_checker(self.manager_id, self.pid, interval)
+
+    async def unregister(self) -> None:
+        await self.store.delete_checker(self.manager_id, self.pid)
+
+    async def run(self) -> None:
+        """Tick every ``node.health_check_interval`` seconds until the NodeChecker record is deleted."""
+        interval = self.settings.node.health_check_interval
+        log.info("checker: started for manager %s (every %g s)", self.manager_id, interval)
+        while True:
+            try:
+                if not await self.store.heartbeat_checker(self.manager_id, self.pid):
+                    log.info("checker: NodeChecker record deleted; stopping")
+                    return
+                report = await self.tick()
+                if report.errors:
+                    log.warning("checker: tick had %d errors", report.errors)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("checker: tick failed")
+            await asyncio.sleep(interval)
+
+
+def run_standalone(settings: Settings) -> int:
+    """``toolserver checker``: the same loop, in its own process."""
+    from toolserver.manager.store import open_store
+    from toolserver.runtimes import create_runtime
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def main() -> int:
+        store = await open_store(settings.database_url)
+        runtime = create_runtime(settings)
+        checker = NodeChecker(settings, store, runtime)
+        try:
+            if not await checker.register():
+                log.error("a checker for manager %s is already running", settings.manager_id)
+                return 1
+            try:
+                await checker.run()
+            finally:
+                await checker.unregister()
+        finally:
+            await runtime.aclose()
+            await store.aclose()
+        return 0
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        return 0

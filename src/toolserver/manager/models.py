@@ -1,0 +1,62 @@
+"""Database records: ToolServerNode and NodeChecker, with the seed's fields, names and defaults.
+
+Times are naive UTC (portable between SQLite and PostgreSQL).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Float, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+#: Record status before the runtime reports one (the seed's default).
+STATUS_CREATED = "Created"
+#: Runtime statuses under which a node no longer serves.
+STOPPED_STATUSES = frozenset({"exited", "dead"})
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ToolServerNode(Base):
+    """One session's node. ``id`` is the session cookie: a random token, never a runtime id."""
+
+    __tablename__ = "toolserver_nodes"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    short_id: Mapped[str] = mapped_column(String(32), unique=True, index=True)
+    manager_id: Mapped[str] = mapped_column(String(255), index=True)
+    status: Mapped[str] = mapped_column(String(32), default=STATUS_CREATED)
+    health: Mapped[str] = mapped_column(String(32), default="Unknown")
+    last_req_time: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    ip: Mapped[str] = mapped_column(String(255), default="0.0.0.0")
+    port: Mapped[int] = mapped_column(Integer, default=0)
+    # ToolServer's own columns
+    runtime: Mapped[str] = mapped_column(String(32), default="process")
+    runtime_state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    secret: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    status_changed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True, default=None)
+
+    def __repr__(self) -> str:  # never print the token
+        return f"<ToolServerNode {self.short_id} {self.status}/{self.health} {self.ip}:{self.port}>"
+
+
+class NodeChecker(Base):
+    """The checker loop of one manager. While this record exists the loop runs."""
+
+    __tablename__ = "node_checkers"
+
+    manager_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
+    interval: Mapped[float] = mapped_column(Float, default=1.0)
+    host: Mapped[str] = mapped_column(String(255), default="")
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -1,0 +1,278 @@
+"""Session lifecycle: create a node for a session, wait until it serves, reconnect, close, release."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from toolserver.errors import (
+    CapacityExceeded,
+    InvalidSession,
+    NodeNotFound,
+    NodeStartError,
+    RuntimeBackendError,
+)
+from toolserver.manager.activity import ActivityBuffer
+from toolserver.manager.models import STOPPED_STATUSES, ToolServerNode, utcnow
+from toolserver.manager.settings import Settings
+from toolserver.manager.store import Store
+from toolserver.runtimes.base import HEALTHY, RUNNING, NodeInfo, NodeSpec, Runtime
+
+log = logging.getLogger(__name__)
+
+#: How long a routing entry is trusted before the record is read again.
+ROUTE_TTL = 1.0
+MAX_TOKEN_LENGTH = 128
+
+
+def new_token() -> str:
+    """The session cookie: 256 random bits, URL-safe."""
+    return secrets.token_urlsafe(32)
+
+
+@dataclass(frozen=True)
+class Route:
+    """What the proxy needs to forward a request to a node."""
+
+    node_id: str
+    short_id: str
+    status: str
+    host: str
+    port: int
+    secret: str
+    expires: float
+
+
+def info_fields(info: NodeInfo) -> dict[str, Any]:
+    """Record columns that mirror what the runtime reports."""
+    return {
+        "status": info.status,
+        "health": info.health,
+        "ip": info.host,
+        "port": info.port,
+        "runtime_state": info.state,
+        "detail": info.detail,
+    }
+
+
+class SessionService:
+    """Owns every change a session makes to nodes and their records."""
+
+    def __init__(self, settings: Settings, store: Store, runtime: Runtime, activity: ActivityBuffer) -> None:
+        self.settings = settings
+        self.store = store
+        self.runtime = runtime
+        self.activity = activity
+        self.manager_id = settings.manager_id
+        #: node ids in the middle of an operation; the checker leaves them alone.
+        self.busy: set[str] = set()
+        self._capacity = asyncio.Lock()
+        self._routes: dict[str, Route] = {}
+
+    # ---- routing ------------------------------------------------------------------------------------
+
+    async def route(self, node_id: str | None) -> Route:
+        """The route for a session cookie; raises InvalidSession for a missing or unknown one."""
+        if not node_id or len(node_id) > MAX_TOKEN_LENGTH:
+            raise InvalidSession(f"invalid node_id: {(node_id or 'None')[:MAX_TOKEN_LENGTH]}")
+        now = time.monotonic()
+        route = self._routes.get(node_id)
+        if route is None or route.expires < now:
+            node = await self.store.get_node(node_id)
+            if node is None:
+                self._routes.pop(node_id, None)
+                raise InvalidSession(f"invalid node_id: {node_id}")
+            route = Route(
+                node.id, node.short_id, node.status, node.ip, node.port, node.secret, now + ROUTE_TTL
+            )
+            self._routes[node_id] = route
+        return route
+
+    def forget_route(self, node_id: str) -> None:
+        self._routes.pop(node_id, None)
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _busy(self, node_id: str) -> AsyncIterator[None]:
+        self.busy.add(node_id)
+        try:
+            yield
+        finally:
+            self.busy.discard(node_id)
+            self.forget_route(node_id)
+
+    async def _reserve(self) -> ToolServerNode:
+        """Insert a new record unless the manager is at node.max_nodes (atomic within this process)."""
+        async with self._capacity:
+            live = await self.store.count_live_nodes(self.manager_id)
+            if live >= self.settings.node.max_nodes:
+                raise CapacityExceeded(
+                    f"this manager already runs {live} nodes "
+                    f"(node.max_nodes = {self.settings.node.max_nodes}); release a session or retry later"
+                )
+            now = utcnow()
+            node = ToolServerNode(
+                id=new_token(),
+                short_id=secrets.token_hex(6),
+                manager_id=self.manager_id,
+                runtime=self.runtime.name,
+                runtime_state={},
+                secret=secrets.token_urlsafe(32),
+                last_req_time=now,
+                created_at=now,
+                status_changed_at=now,
+            )
+            await self.store.add_node(node)
+            return node
+
+    async def create(self) -> ToolServerNode:
+        """Create, start and wait for a new node; on any failure nothing is left behind."""
+        node = await self._reserve()
+        async with self._busy(node.id):
+            state: dict[str, Any] = {}
+            try:
+                spec = NodeSpec(node_id=node.short_id, manager_id=self.manager_id, secret=node.secret)
+                info = await self.runtime.create(spec)
+                state = info.state
+                await self.store.update_node(node.id, **info_fields(info))
+                info = await self.runtime.start(state)
+                state = info.state
+                info = await self.wait_ready(state)
+            except BaseException as exc:
+                await asyncio.shield(self._discard(node, state))
+                if isinstance(exc, NodeStartError | RuntimeBackendError):
+                    raise
+                if isinstance(exc, Exception):
+                    raise NodeStartError(f"node {node.short_id} failed to start: {exc}") from exc
+                raise
+            fields = info_fields(info)
+            await self.store.update_node(
+                node.id, **fields, status_changed_at=utcnow(), last_req_time=utcnow()
+            )
+            node.status, node.health, node.ip, node.port = info.status, info.health, info.host, info.port
+            log.info("node %s ready at %s:%s", node.short_id, info.host, info.port)
+            return node
+
+    async def wait_ready(self, state: dict[str, Any]) -> NodeInfo:
+        """Poll the runtime until the node is healthy (health_check on) or running (off)."""
+        wait = self.settings.node.creation_wait_seconds
+        deadline = time.monotonic() + wait
+        delay = 0.02
+        while True:
+            info = await self.runtime.inspect(state)
+            if info.status in STOPPED_STATUSES:
+                raise NodeStartError(f"node exited while starting ({info.detail or 'no detail'})")
+            if self.settings.node.health_check:
+                if info.health == HEALTHY:
+                    return info
+            elif info.status == RUNNING:
+                return info
+            if time.monotonic() >= deadline:
+                raise NodeStartError(
+                    f"node not ready after {wait:g} s (node.creation_wait_seconds; status {info.status}, "
+                    f"health {info.health})"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
+
+    async def _discard(self, node: ToolServerNode, state: dict[str, Any]) -> None:
+        try:
+            if state:
+                await self.runtime.kill(state)
+                await self.runtime.remove(state)
+        except NodeNotFound:
+            pass
+        except Exception:
+            log.exception("could not remove node %s after a failed start", node.short_id)
+        await self.store.delete_nodes([node.id])
+        self.activity.forget(node.id)
+
+    async def _node(self, node_id: str | None) -> ToolServerNode:
+        if not node_id or len(node_id) > MAX_TOKEN_LENGTH:
+            raise InvalidSession(f"invalid node_id: {(node_id or 'None')[:MAX_TOKEN_LENGTH]}")
+        node = await self.store.get_node(node_id)
+        if node is None:
+            raise InvalidSession(f"invalid node_id: {node_id}")
+        return node
+
+    async def reconnect(self, node_id: str | None) -> ToolServerNode:
+        """Restart the session's node (workspace kept) and wait until it serves again."""
+        node = await self._node(node_id)
+        async with self._busy(node.id):
+            if node.status in STOPPED_STATUSES:
+                async with self._capacity:
+                    live = await self.store.count_live_nodes(self.manager_id)
+                    if live >= self.settings.node.max_nodes:
+                        raise CapacityExceeded(f"node.max_nodes ({self.settings.node.max_nodes}) reached")
+                    await self.store.update_node(node.id, status="restarting", status_changed_at=utcnow())
+            try:
+                info = await self.runtime.restart(node.runtime_state, self.settings.node.stop_grace_seconds)
+                info = await self.wait_ready(info.state)
+            except NodeNotFound:
+                await self.store.update_node(
+                    node.id,
+                    status="exited",
+                    health="unhealthy",
+                    detail="the node is gone; release the session",
+                )
+                raise
+            except NodeStartError as exc:
+                await self.store.update_node(
+                    node.id, status="exited", health="unhealthy", detail=str(exc), status_changed_at=utcnow()
+                )
+                raise
+            await self.store.update_node(
+                node.id, **info_fields(info), status_changed_at=utcnow(), last_req_time=utcnow()
+            )
+            log.info("node %s reconnected", node.short_id)
+            return node
+
+    async def close(self, node_id: str | None) -> ToolServerNode:
+        """Stop the session's node; its record stays, and reconnect starts it again."""
+        node = await self._node(node_id)
+        async with self._busy(node.id):
+            await self._stop(node)
+        return node
+
+    async def _stop(self, node: ToolServerNode) -> None:
+        with contextlib.suppress(NodeNotFound):
+            await self.runtime.stop(node.runtime_state, self.settings.node.stop_grace_seconds)
+        await self.store.update_node(node.id, status="exited", health="unhealthy", status_changed_at=utcnow())
+        log.info("node %s stopped", node.short_id)
+
+    async def release(self, node_id: str | None) -> ToolServerNode:
+        """Kill and remove the session's node and delete its record."""
+        node = await self._node(node_id)
+        async with self._busy(node.id):
+            await self._release(node)
+        return node
+
+    async def _release(self, node: ToolServerNode) -> None:
+        with contextlib.suppress(NodeNotFound):
+            await self.runtime.kill(node.runtime_state)
+            await self.runtime.remove(node.runtime_state)
+        await self.store.delete_nodes([node.id])
+        self.activity.forget(node.id)
+        log.info("node %s released", node.short_id)
+
+    async def stop_all(self) -> None:
+        """Stop every node of this manager (shutdown with node.on_shutdown = stop)."""
+        nodes = [n for n in await self.store.list_nodes(self.manager_id) if n.status not in STOPPED_STATUSES]
+        sem = asyncio.Semaphore(8)
+
+        async def one(node: ToolServerNode) -> None:
+            async with sem:
+                try:
+                    await self._stop(node)
+                except Exception:
+                    log.exception("could not stop node %s", node.short_id)
+
+        await asyncio.gather(*(one(n) for n in nodes))

@@ -1,0 +1,193 @@
+"""Async access to the records (SQLAlchemy 2). SQLite through aiosqlite by default; any async URL works."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, event, func, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+
+from toolserver.manager.models import STOPPED_STATUSES, NodeChecker, ToolServerNode, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def _alembic_upgrade(connection: Any) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).resolve().parent.parent / "migrations"))
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, "head")
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Store:
+    """Records of nodes and checkers. Every method is one short transaction."""
+
+    def __init__(self, url: str) -> None:
+        self.url = make_url(url)
+        if self.url.get_backend_name() == "sqlite" and self.url.database not in (None, "", ":memory:"):
+            Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
+        self.engine: AsyncEngine = create_async_engine(self.url, pool_pre_ping=False)
+        if self.url.get_backend_name() == "sqlite":
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self.session = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    async def migrate(self) -> None:
+        """Apply Alembic migrations up to head."""
+        async with self.engine.begin() as conn:
+            await conn.run_sync(_alembic_upgrade)
+
+    async def aclose(self) -> None:
+        await self.engine.dispose()
+
+    # ---- nodes --------------------------------------------------------------------------------------
+
+    async def add_node(self, node: ToolServerNode) -> None:
+        async with self.session.begin() as s:
+            s.add(node)
+
+    async def get_node(self, node_id: str) -> ToolServerNode | None:
+        async with self.session() as s:
+            return await s.get(ToolServerNode, node_id)
+
+    async def list_nodes(self, manager_id: str) -> list[ToolServerNode]:
+        async with self.session() as s:
+            rows = await s.scalars(select(ToolServerNode).where(ToolServerNode.manager_id == manager_id))
+            return list(rows)
+
+    async def count_live_nodes(self, manager_id: str) -> int:
+        async with self.session() as s:
+            q = (
+                select(func.count())
+                .select_from(ToolServerNode)
+                .where(
+                    ToolServerNode.manager_id == manager_id, ToolServerNode.status.not_in(STOPPED_STATUSES)
+                )
+            )
+            return int(await s.scalar(q) or 0)
+
+    async def update_node(self, node_id: str, **fields: Any) -> None:
+        await self.update_nodes({node_id: fields})
+
+    async def update_nodes(self, changes: Mapping[str, Mapping[str, Any]]) -> None:
+        """Apply several per-node field updates in one transaction."""
+        if not changes:
+            return
+        async with self.session.begin() as s:
+            for node_id, fields in changes.items():
+                await s.execute(update(ToolServerNode).where(ToolServerNode.id == node_id).values(**fields))
+
+    async def touch_nodes(self, times: Mapping[str, datetime]) -> None:
+        """Write buffered last request times (one transaction, one statement per node)."""
+        if not times:
+            return
+        async with self.session.begin() as s:
+            for node_id, when in times.items():
+                await s.execute(
+                    update(ToolServerNode).where(ToolServerNode.id == node_id).values(last_req_time=when)
+                )
+
+    async def delete_nodes(self, node_ids: Iterable[str]) -> None:
+        ids = list(node_ids)
+        if ids:
+            async with self.session.begin() as s:
+                await s.execute(delete(ToolServerNode).where(ToolServerNode.id.in_(ids)))
+
+    # ---- checkers -----------------------------------------------------------------------------------
+
+    async def get_checker(self, manager_id: str) -> NodeChecker | None:
+        async with self.session() as s:
+            return await s.get(NodeChecker, manager_id)
+
+    async def delete_stale_checkers(self, stale_after: float) -> list[str]:
+        """Delete checker records whose process is gone; returns their manager ids.
+
+        On this host a record is stale when its pid is not alive; elsewhere when its heartbeat is
+        older than ``stale_after`` seconds.
+        """
+        host = socket.gethostname()
+        limit = utcnow() - timedelta(seconds=stale_after)
+        async with self.session() as s:
+            rows = list(await s.scalars(select(NodeChecker)))
+        stale = [
+            r.manager_id
+            for r in rows
+            if (r.host == host and not pid_alive(r.pid)) or (r.host != host and r.heartbeat_at < limit)
+        ]
+        if stale:
+            async with self.session.begin() as s:
+                await s.execute(delete(NodeChecker).where(NodeChecker.manager_id.in_(stale)))
+        return stale
+
+    async def register_checker(self, manager_id: str, pid: int, interval: float) -> bool:
+        """Insert this process's checker record; False when a live one holds ``manager_id``."""
+        try:
+            async with self.session.begin() as s:
+                s.add(
+                    NodeChecker(
+                        manager_id=manager_id,
+                        pid=pid,
+                        interval=interval,
+                        host=socket.gethostname(),
+                        heartbeat_at=utcnow(),
+                    )
+                )
+        except IntegrityError:
+            return False
+        return True
+
+    async def heartbeat_checker(self, manager_id: str, pid: int) -> bool:
+        """Refresh the heartbeat; False when the record is gone (the loop must end)."""
+        async with self.session.begin() as s:
+            res = await s.execute(
+                update(NodeChecker)
+                .where(NodeChecker.manager_id == manager_id, NodeChecker.pid == pid)
+                .values(heartbeat_at=utcnow())
+            )
+            return bool(res.rowcount)
+
+    async def delete_checker(self, manager_id: str, pid: int | None = None) -> None:
+        async with self.session.begin() as s:
+            q = delete(NodeChecker).where(NodeChecker.manager_id == manager_id)
+            if pid is not None:
+                q = q.where(NodeChecker.pid == pid)
+            await s.execute(q)
+
+
+async def open_store(url: str) -> Store:
+    store = Store(url)
+    await store.migrate()
+    return store
+
+
+__all__ = ["Store", "open_store", "pid_alive"]

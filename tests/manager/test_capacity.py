@@ -1,0 +1,41 @@
+"""node.max_nodes under concurrent load: exactly max_nodes sessions, the rest 429, nothing leaked."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import httpx
+
+from tests.support import ManagerProcess
+
+
+async def test_fifty_concurrent_get_cookie_with_max_nodes_twenty(
+    manager_factory: Callable[..., ManagerProcess],
+) -> None:
+    manager = manager_factory(
+        node={"max_nodes": 20, "creation_wait_seconds": 120, "health_check_interval": 1}
+    )
+    async with httpx.AsyncClient(base_url=manager.url, timeout=180, trust_env=False) as http:
+        answers = await asyncio.gather(*(http.post("/get_cookie") for _ in range(50)))
+        codes = sorted(r.status_code for r in answers)
+        assert codes.count(200) == 20, codes
+        assert codes.count(429) == 30, codes
+        assert all(r.headers.get("Retry-After") for r in answers if r.status_code == 429)
+        assert "node.max_nodes" in next(r for r in answers if r.status_code == 429).json()["detail"]
+        cookies = [r.cookies["node_id"] for r in answers if r.status_code == 200]
+        assert len(set(cookies)) == 20
+        assert len(manager.nodes()) == 20
+        assert len(manager.node_processes()) == 20
+        # every session answers, then all are released
+        checks = await asyncio.gather(
+            *(http.post("/get_available_tools", json={}, cookies={"node_id": c}) for c in cookies)
+        )
+        assert all(r.status_code == 200 for r in checks)
+        released = await asyncio.gather(
+            *(http.post("/release_session", cookies={"node_id": c}) for c in cookies)
+        )
+        assert all(r.status_code == 200 for r in released)
+    assert manager.nodes() == []
+    assert manager.node_processes() == []
+    assert manager.node_dirs() == []
