@@ -54,6 +54,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
                 "another checker runs for manager %s; not starting the builtin one", settings.manager_id
             )
     app.state.checker_task = checker_task
+    pool = None
+    if settings.node.warm_pool_size > 0:
+        from toolserver.manager.pool import WarmPool
+
+        pool = WarmPool(sessions, settings.node.warm_pool_size, settings.node.health_check_interval)
+        pool.start()
+    app.state.pool = pool
     log.info(
         "manager %s ready (runtime %s, database %s)",
         settings.manager_id,
@@ -63,6 +70,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        if pool is not None:
+            await pool.aclose(release=settings.node.on_shutdown == "stop")
         if checker_task is not None:
             checker_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

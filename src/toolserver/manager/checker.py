@@ -130,6 +130,10 @@ class NodeChecker:
             fields.update(ip=info.host, port=info.port, runtime_state=info.state)
         if fields:
             changes[node.id] = fields
+        if node.pooled:  # a pool node is never idle-closed; a dead one is released at once
+            if info.status in STOPPED_STATUSES:
+                actions.append(("release", node))
+            return
         if info.status == RUNNING:
             last = node.last_req_time
             if self.activity is not None:

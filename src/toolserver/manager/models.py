@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 #: Record status before the runtime reports one (the seed's default).
@@ -45,6 +45,8 @@ class ToolServerNode(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     status_changed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     detail: Mapped[str | None] = mapped_column(Text, nullable=True, default=None)
+    #: A warm-pool node: started and healthy, not yet handed to a session.
+    pooled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false(), index=True)
 
     def __repr__(self) -> str:  # never print the token
         return f"<ToolServerNode {self.short_id} {self.status}/{self.health} {self.ip}:{self.port}>"

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -75,6 +75,8 @@ class SessionService:
         self.busy: set[str] = set()
         self._capacity = asyncio.Lock()
         self._routes: dict[str, Route] = {}
+        #: called after every warm-pool claim attempt (the pool refills itself)
+        self.on_claim: Callable[[], None] | None = None
 
     # ---- routing ------------------------------------------------------------------------------------
 
@@ -109,7 +111,7 @@ class SessionService:
             self.busy.discard(node_id)
             self.forget_route(node_id)
 
-    async def _reserve(self) -> ToolServerNode:
+    async def _reserve(self, pooled: bool = False) -> ToolServerNode:
         """Insert a new record unless the manager is at node.max_nodes (atomic within this process)."""
         async with self._capacity:
             live = await self.store.count_live_nodes(self.manager_id)
@@ -129,13 +131,26 @@ class SessionService:
                 last_req_time=now,
                 created_at=now,
                 status_changed_at=now,
+                pooled=pooled,
             )
             await self.store.add_node(node)
             return node
 
     async def create(self) -> ToolServerNode:
+        """A node for a new session: a ready warm-pool node if there is one, else a cold start."""
+        if self.settings.node.warm_pool_size > 0:
+            health = HEALTHY if self.settings.node.health_check else None
+            node = await self.store.claim_pooled(self.manager_id, health)
+            if self.on_claim is not None:
+                self.on_claim()
+            if node is not None:
+                log.info("node %s claimed from the warm pool", node.short_id)
+                return node
+        return await self.start_node()
+
+    async def start_node(self, pooled: bool = False) -> ToolServerNode:
         """Create, start and wait for a new node; on any failure nothing is left behind."""
-        node = await self._reserve()
+        node = await self._reserve(pooled)
         async with self._busy(node.id):
             state: dict[str, Any] = {}
             try:

@@ -96,6 +96,44 @@ class Store:
             )
             return int(await s.scalar(q) or 0)
 
+    async def count_pooled(self, manager_id: str) -> int:
+        async with self.session() as s:
+            q = (
+                select(func.count())
+                .select_from(ToolServerNode)
+                .where(ToolServerNode.manager_id == manager_id, ToolServerNode.pooled.is_(True))
+            )
+            return int(await s.scalar(q) or 0)
+
+    async def claim_pooled(self, manager_id: str, health: str | None) -> ToolServerNode | None:
+        """Take one ready pool node for a session; atomic across processes sharing the database.
+
+        A node qualifies when running and, if ``health`` is given, with that health. The
+        conditional UPDATE (``WHERE pooled``) lets exactly one claimer win a node.
+        """
+        query = select(ToolServerNode.id).where(
+            ToolServerNode.manager_id == manager_id,
+            ToolServerNode.pooled.is_(True),
+            ToolServerNode.status == "running",
+        )
+        if health is not None:
+            query = query.where(ToolServerNode.health == health)
+        async with self.session() as s:
+            candidates = list(await s.scalars(query.limit(8)))
+        for node_id in candidates:
+            now = utcnow()
+            async with self.session.begin() as s:
+                res = await s.execute(
+                    update(ToolServerNode)
+                    .where(ToolServerNode.id == node_id, ToolServerNode.pooled.is_(True))
+                    .values(pooled=False, last_req_time=now)
+                )
+                if res.rowcount != 1:
+                    continue
+                node = await s.get(ToolServerNode, node_id)
+                return node
+        return None
+
     async def update_node(self, node_id: str, **fields: Any) -> None:
         await self.update_nodes({node_id: fields})
 
