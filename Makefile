@@ -27,6 +27,7 @@ node-image: venv
 	bash scripts/build-node-image.sh
 
 test: venv docker-ready
+	bash scripts/ensure-postgres.sh
 	$(BIN)/ruff check src tests bench
 	$(BIN)/pytest
 

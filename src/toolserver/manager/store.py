@@ -108,31 +108,26 @@ class Store:
     async def claim_pooled(self, manager_id: str, health: str | None) -> ToolServerNode | None:
         """Take one ready pool node for a session; atomic across processes sharing the database.
 
-        A node qualifies when running and, if ``health`` is given, with that health. The
-        conditional UPDATE (``WHERE pooled``) lets exactly one claimer win a node.
+        A node qualifies when running and, if ``health`` is given, with that health. One
+        ``UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED) AND pooled RETURNING`` statement:
+        PostgreSQL hands concurrent claimers different rows, SQLite serialises writers.
         """
-        query = select(ToolServerNode.id).where(
+        pick = select(ToolServerNode.id).where(
             ToolServerNode.manager_id == manager_id,
             ToolServerNode.pooled.is_(True),
             ToolServerNode.status == "running",
         )
         if health is not None:
-            query = query.where(ToolServerNode.health == health)
-        async with self.session() as s:
-            candidates = list(await s.scalars(query.limit(8)))
-        for node_id in candidates:
-            now = utcnow()
-            async with self.session.begin() as s:
-                res = await s.execute(
-                    update(ToolServerNode)
-                    .where(ToolServerNode.id == node_id, ToolServerNode.pooled.is_(True))
-                    .values(pooled=False, last_req_time=now)
-                )
-                if res.rowcount != 1:
-                    continue
-                node = await s.get(ToolServerNode, node_id)
-                return node
-        return None
+            pick = pick.where(ToolServerNode.health == health)
+        pick = pick.limit(1).with_for_update(skip_locked=True).scalar_subquery()
+        claim = (
+            update(ToolServerNode)
+            .where(ToolServerNode.id == pick, ToolServerNode.pooled.is_(True))
+            .values(pooled=False, last_req_time=utcnow())
+            .returning(ToolServerNode)
+        )
+        async with self.session.begin() as s:
+            return (await s.scalars(claim)).one_or_none()
 
     async def update_node(self, node_id: str, **fields: Any) -> None:
         await self.update_nodes({node_id: fields})
