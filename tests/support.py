@@ -106,15 +106,20 @@ class ManagerProcess:
             time.sleep(0.05)
         return self
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int | None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> bool:
+        """Signal the manager and wait; True when it shut down by itself in time.
+
+        uvicorn re-raises the signal after a graceful shutdown, so -SIGTERM counts as clean.
+        """
         if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else None
+            return self.proc is not None and self.proc.returncode in (0, -sig)
         self.proc.send_signal(sig)
         try:
-            return self.proc.wait(timeout)
+            return self.proc.wait(timeout) in (0, -sig)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            return self.proc.wait(5)
+            self.proc.wait(5)
+            return False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

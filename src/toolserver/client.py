@@ -92,10 +92,10 @@ class Session:
     def __init__(self, http: httpx.Client, node_id: str) -> None:
         self._http = http
         self.node_id = node_id
-        self._cookies = {COOKIE_NAME: node_id}
+        self._headers = {"Cookie": f"{COOKIE_NAME}={node_id}"}
 
     def _post(self, path: str, **kwargs: Any) -> httpx.Response:
-        return _check(self._http.post(path, cookies=self._cookies, **kwargs))
+        return _check(self._http.post(path, headers=self._headers, **kwargs))
 
     def execute_tool(
         self, tool_name: str, arguments: dict[str, Any] | None = None, env_name: str | None = None
@@ -130,7 +130,7 @@ class Session:
         return self._download("/download_workspace", None, Path(dest))
 
     def _download(self, path: str, payload: dict[str, Any] | None, dest: Path) -> Path:
-        with self._http.stream("POST", path, json=payload, cookies=self._cookies) as resp:
+        with self._http.stream("POST", path, json=payload, headers=self._headers) as resp:
             if resp.status_code >= 400:
                 resp.read()
                 _check(resp)
@@ -195,10 +195,10 @@ class AsyncSession:
     def __init__(self, http: httpx.AsyncClient, node_id: str) -> None:
         self._http = http
         self.node_id = node_id
-        self._cookies = {COOKIE_NAME: node_id}
+        self._headers = {"Cookie": f"{COOKIE_NAME}={node_id}"}
 
     async def _post(self, path: str, **kwargs: Any) -> httpx.Response:
-        return _check(await self._http.post(path, cookies=self._cookies, **kwargs))
+        return _check(await self._http.post(path, headers=self._headers, **kwargs))
 
     async def execute_tool(
         self, tool_name: str, arguments: dict[str, Any] | None = None, env_name: str | None = None
@@ -232,7 +232,7 @@ class AsyncSession:
         return await self._download("/download_workspace", None, Path(dest))
 
     async def _download(self, path: str, payload: dict[str, Any] | None, dest: Path) -> Path:
-        async with self._http.stream("POST", path, json=payload, cookies=self._cookies) as resp:
+        async with self._http.stream("POST", path, json=payload, headers=self._headers) as resp:
             if resp.status_code >= 400:
                 await resp.aread()
                 _check(resp)

@@ -44,7 +44,9 @@ def test_unknown_path_invalid_json_and_oversized_headers(manager: ManagerProcess
         assert r.status_code == 422 and "tool_name" in r.text
         # 100 KB of headers: refused by the HTTP layer with a 4xx, not a crash
         r = httpx.post(
-            manager.url + "/execute_tool", headers={"X-Big": "a" * 100_000}, cookies=cookies, trust_env=False
+            manager.url + "/execute_tool",
+            headers={"X-Big": "a" * 100_000, "Cookie": f"node_id={session.node_id}"},
+            trust_env=False,
         )
         assert 400 <= r.status_code < 500
         # a garbage request line

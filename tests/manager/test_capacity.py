@@ -29,11 +29,11 @@ async def test_fifty_concurrent_get_cookie_with_max_nodes_twenty(
         assert len(manager.node_processes()) == 20
         # every session answers, then all are released
         checks = await asyncio.gather(
-            *(http.post("/get_available_tools", json={}, cookies={"node_id": c}) for c in cookies)
+            *(http.post("/get_available_tools", json={}, headers={"Cookie": f"node_id={c}"}) for c in cookies)
         )
         assert all(r.status_code == 200 for r in checks)
         released = await asyncio.gather(
-            *(http.post("/release_session", cookies={"node_id": c}) for c in cookies)
+            *(http.post("/release_session", headers={"Cookie": f"node_id={c}"}) for c in cookies)
         )
         assert all(r.status_code == 200 for r in released)
     assert manager.nodes() == []

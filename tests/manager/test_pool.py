@@ -65,5 +65,5 @@ async def test_two_managers_on_one_database_never_share_a_node(
         ports = {first.node(c)["port"] for c in cookies}
         assert len(ports) == 8
         for c in cookies:
-            await http.post(f"{first.url}/release_session", cookies={"node_id": c})
+            await http.post(f"{first.url}/release_session", headers={"Cookie": f"node_id={c}"})
     second.stop()
