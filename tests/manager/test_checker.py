@@ -110,6 +110,17 @@ def test_checker_loop_ends_when_its_record_is_deleted(manager_factory: Callable[
             wait_until(lambda: manager.node(session.node_id)["status"] == "exited", timeout=5, what="exited")
         manager.query("DELETE FROM node_checkers")
         assert checker.wait(timeout=10) == 0
+        # started again and stopped with SIGTERM, it deletes its own record
+        checker = subprocess.Popen(
+            [sys.executable, "-m", "toolserver", "checker", "--config", str(manager.config_path)],
+            cwd=manager.root,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(lambda: manager.query("SELECT pid FROM node_checkers"), timeout=20, what="registration")
+        checker.terminate()
+        assert checker.wait(timeout=10) == 0
+        assert manager.query("SELECT pid FROM node_checkers") == []
     finally:
         checker.kill()
         checker.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -156,3 +157,17 @@ def test_node_port_is_useless_without_the_secret(manager: ManagerProcess) -> Non
         )
         assert direct.status_code == 401
         assert httpx.get(f"http://127.0.0.1:{record['port']}/health", trust_env=False).status_code == 200
+
+
+def test_last_req_time_follows_requests_in_batches(manager: ManagerProcess) -> None:
+    with ToolServerClient(manager.url) as client, client.session() as session:
+        first = manager.node(session.node_id)["last_req_time"]
+        time.sleep(0.05)
+        for _ in range(20):
+            session.get_available_tools()
+        # buffered in memory, written within about a second
+        wait_until(
+            lambda: manager.node(session.node_id)["last_req_time"] > first,
+            timeout=3,
+            what="last_req_time written",
+        )

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -229,8 +230,15 @@ def run_standalone(settings: Settings) -> int:
             if not await checker.register():
                 log.error("a checker for manager %s is already running", settings.manager_id)
                 return 1
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task()
+            assert task is not None
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, task.cancel)
             try:
                 await checker.run()
+            except asyncio.CancelledError:
+                log.info("checker: stopping on signal")
             finally:
                 await checker.unregister()
         finally:
