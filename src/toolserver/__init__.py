@@ -1,10 +1,6 @@
 """ToolServer: a sandboxed tool server for every AI-agent session."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("toolserver")
-except PackageNotFoundError:  # running from a source tree without installation
-    __version__ = "0.0.0"
+#: The package version (pyproject.toml reads it from here).
+__version__ = "0.1.0"
 
 __all__ = ["__version__"]
