@@ -15,6 +15,7 @@
     │   ├── ToolNotFound            no tool by that name (404)
     │   ├── ToolArgumentError       arguments fail the tool's schema (422)
     │   ├── OutputNotReady          long-running work, fetch later (450)
+    │   │   └── ToolTimeout         a tool ran out of time; carries its partial output (450)
     │   ├── WorkspacePathError      a path escapes the workspace (400)
     │   └── ToolRegistrationError   a tool cannot be registered (duplicate, bad code)
     └── ClientError                 raised by toolserver.client for an error answer
@@ -77,6 +78,14 @@ class OutputNotReady(ToolError):
     """Work continues in the background; the message says how to fetch its output later."""
 
     status_code = 450
+
+
+class ToolTimeout(OutputNotReady):
+    """A tool ran past its time limit; ``partial`` holds what it produced so far (JSON-able or None)."""
+
+    def __init__(self, message: str, partial: object = None) -> None:
+        super().__init__(message)
+        self.partial = partial
 
 
 class WorkspacePathError(ToolError):

@@ -1,0 +1,62 @@
+"""``toolserver node``: run one node under uvicorn until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from toolserver.errors import ConfigError
+
+#: seconds uvicorn waits for open requests at shutdown before cancelling them
+GRACEFUL_SHUTDOWN_SECONDS = 1.5
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 31942,
+    workspace: str | Path = "workspace",
+    config: str | Path | None = None,
+    log_level: str = "warning",
+) -> None:
+    """Serve the node on ``host:port`` with ``workspace`` as the only directory tools write to.
+
+    On SIGTERM uvicorn stops accepting requests, cancels those still running after a short grace,
+    and the app's shutdown kills kernels and background shells; the process then exits with 0.
+    """
+    # SIGTERM before uvicorn takes over (startup), or re-raised by uvicorn after its graceful
+    # shutdown: leave with status 0 rather than die from the signal
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+
+    import uvicorn
+
+    from toolserver.node.app import create_app
+    from toolserver.node.settings import load_node_config
+
+    level = log_level.upper() if isinstance(log_level, str) else log_level
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        node_config = load_node_config(config, workspace=Path(workspace))
+    except ConfigError as exc:
+        print(f"toolserver node: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    app = create_app(node_config)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level=log_level,
+            lifespan="on",
+            ws="none",
+            access_log=False,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+            server_header=False,
+        )
+    )
+    server.run()
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
