@@ -60,6 +60,19 @@ def node_processes(data_dir: Path) -> list[psutil.Process]:
     return [p for p in processes_under(data_dir) if "node" in p.cmdline()]
 
 
+def marked_processes(short_id: str) -> list[psutil.Process]:
+    """Processes carrying the process runtime's mark of node ``short_id`` in their environment."""
+    found = []
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            if (
+                proc.environ().get("TOOLSERVER_MARK_NODE") == short_id
+                and proc.status() != psutil.STATUS_ZOMBIE
+            ):
+                found.append(proc)
+    return found
+
+
 class ManagerProcess:
     """A real ``toolserver manager`` subprocess with its own config, data dir and SQLite file."""
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import requests
 
-from tests.support import ManagerProcess, wait_until
+from tests.support import ManagerProcess, marked_processes, wait_until
 from toolserver.client import AsyncToolServerClient, ToolServerClient
 from toolserver.errors import ClientError
 
@@ -130,6 +130,8 @@ def test_unknown_or_missing_node_id(manager: ManagerProcess, path: str) -> None:
 def test_node_killed_is_seen_and_answers_503(manager: ManagerProcess) -> None:
     with ToolServerClient(manager.url) as client, client.session() as session:
         record = manager.node(session.node_id)
+        session.execute_tool("shell_command_executor", {"command": "sleep 300", "run_async": True})
+        assert len(marked_processes(record["short_id"])) >= 2  # the node and its background shell
         [proc] = manager.node_processes()
         os.kill(proc.pid, signal.SIGKILL)
         # the checker ticks every 0.2 s: two ticks and a little
@@ -145,6 +147,9 @@ def test_node_killed_is_seen_and_answers_503(manager: ManagerProcess) -> None:
         assert record["port"] != 0
         session.reconnect()
         assert manager.node(session.node_id)["status"] == "running"
+        # the shell that outlived its node was killed when the node was restarted
+        [node] = marked_processes(record["short_id"])
+        assert node.pid == manager.node_processes()[0].pid
 
 
 def test_node_port_is_useless_without_the_secret(manager: ManagerProcess) -> None:

@@ -208,11 +208,8 @@ class ProcessRuntime(Runtime):
     async def remove(self, state: dict[str, Any]) -> None:
         node_dir = self._dir(state)
         mark = await asyncio.to_thread(self._read_mark, node_dir)
-        if mark is not None:
-            await self._terminate(mark, 0)
         node_id = (mark or {}).get("node_id") or node_dir.name
-        leftovers = await asyncio.to_thread(_marked_processes, node_id)
-        _kill_all(leftovers, signal.SIGKILL)
+        await self._terminate(mark or {"node_id": node_id}, 0)
         await asyncio.to_thread(shutil.rmtree, node_dir, True)
         self._children.pop(node_id, None)
         self._healthy_once.discard(node_id)
@@ -290,9 +287,15 @@ class ProcessRuntime(Runtime):
             info.health = UNHEALTHY if info.node_id in self._healthy_once else STARTING
 
     async def _terminate(self, mark: dict[str, Any], grace: float) -> None:
+        """SIGTERM the node, SIGKILL its tree after ``grace``; then anything else carrying its mark."""
         proc = _process(mark.get("pid"), mark.get("create_time"))
-        if proc is None:
-            return
+        if proc is not None:
+            await self._terminate_tree(proc, mark, grace)
+        # background shells and kernels outlive a SIGKILLed node: they still carry its mark
+        leftovers = await asyncio.to_thread(_marked_processes, mark["node_id"])
+        _kill_all(leftovers, signal.SIGKILL)
+
+    async def _terminate_tree(self, proc: psutil.Process, mark: dict[str, Any], grace: float) -> None:
         try:
             tree = [proc, *await asyncio.to_thread(proc.children, True)]
         except psutil.Error:
