@@ -10,7 +10,7 @@ import requests
 
 from tests.support import ManagerProcess
 from toolserver.client import ToolServerClient
-from toolserver.manager.proxy import _strip_session_cookie
+from toolserver.manager.proxy import session_cookie
 
 
 def _alive(manager: ManagerProcess) -> None:
@@ -58,5 +58,7 @@ def test_unknown_path_invalid_json_and_oversized_headers(manager: ManagerProcess
 
 
 def test_session_cookie_is_not_forwarded_to_the_node() -> None:
-    assert _strip_session_cookie("node_id=secret-token; theme=dark") == "theme=dark"
-    assert _strip_session_cookie("node_id=secret-token") == ""
+    assert session_cookie("node_id=secret-token; theme=dark") == ("secret-token", "theme=dark")
+    assert session_cookie("theme=dark;node_id=tok") == ("tok", "theme=dark")
+    assert session_cookie("node_id=secret-token") == ("secret-token", "")
+    assert session_cookie("theme=dark") == (None, "theme=dark")

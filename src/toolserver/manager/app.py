@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Cookie, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -21,6 +22,7 @@ from toolserver.errors import (
 )
 from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.checker import NodeChecker
+from toolserver.manager.proxy import NodeProxy, send_json
 from toolserver.manager.sessions import SessionService
 from toolserver.manager.settings import Settings
 from toolserver.manager.store import open_store
@@ -39,8 +41,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     runtime: Runtime = app.state.runtime or create_runtime(settings)
     activity = ActivityBuffer(store)
     sessions = SessionService(settings, store, runtime, activity)
-    from toolserver.manager.proxy import NodeProxy
-
     proxy = NodeProxy(sessions, activity, settings.node.request_timeout_seconds)
     checker = NodeChecker(settings, store, runtime, activity=activity, busy=sessions.busy)
     app.state.store, app.state.sessions, app.state.proxy, app.state.checker = store, sessions, proxy, checker
@@ -89,9 +89,29 @@ def _error(status: int, detail: str, **headers: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status, headers=headers or None)
 
 
-def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
+class ManagerApp(FastAPI):
+    """FastAPI for the manager's own routes; forwarded paths go straight to the proxy.
+
+    Forwarded requests skip the framework's middleware and routing: on the hot path of every tool
+    call only the proxy runs. ``forwarded`` maps each path to its methods; another method gets 405.
+    """
+
+    forwarded: dict[str, frozenset[str]] = {}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        methods = self.forwarded.get(scope["path"]) if scope["type"] == "http" else None
+        if methods is None:
+            await super().__call__(scope, receive, send)
+        elif scope["method"] in methods:
+            await self.state.proxy.forward(scope, receive, send)
+        else:
+            allow = ", ".join(sorted(methods)).encode()
+            await send_json(send, 405, {"detail": "Method Not Allowed"}, [(b"allow", allow)])
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> ManagerApp:
     """Build the manager. ``runtime`` overrides the one named in settings (tests inject faults this way)."""
-    app = FastAPI(
+    app = ManagerApp(
         title="ToolServer manager",
         version=settings.version,
         lifespan=_lifespan,
@@ -154,11 +174,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         await request.app.state.sessions.release(node_id)
         return f"Release session: {node_id}"
 
-    async def forward(request: Request):  # type: ignore[no-untyped-def]
-        return await request.app.state.proxy.forward(request)
-
     paths = settings.redirect_to_node_path
-    for path in sorted(set(paths.post) | set(paths.get)):
-        methods = [m for m, ps in (("POST", paths.post), ("GET", paths.get)) if path in ps]
-        app.add_route(path, forward, methods=methods, include_in_schema=False)
+    app.forwarded = {
+        path: frozenset(m for m, ps in (("POST", paths.post), ("GET", paths.get)) if path in ps)
+        for path in {*paths.post, *paths.get}
+    }
     return app

@@ -1,14 +1,21 @@
-"""Forwarding a session's requests to its node: one pooled HTTP client, bodies streamed both ways."""
+"""Forwarding a session's requests to its node, as a plain ASGI layer in front of the manager's app.
+
+Forwarded paths never enter the web framework: the proxy reads the ``node_id`` cookie, finds the
+node's route (cached, see :meth:`SessionService.route`), and streams the request body to the node
+and the node's answer back through one pooled aiohttp client. Nothing is buffered: a 1 GiB upload
+or download passes through in chunks. Hop-by-hop headers and the manager's own cookie are not
+forwarded; the node's secret is added.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-from http.cookies import CookieError, SimpleCookie
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
 
-import httpx
-from starlette.background import BackgroundTask
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+import aiohttp
+from multidict import CIMultiDict
 
 from toolserver.errors import InvalidSession
 from toolserver.manager.activity import ActivityBuffer
@@ -16,112 +23,148 @@ from toolserver.manager.sessions import SessionService
 from toolserver.protocol import COOKIE_NAME, SECRET_HEADER
 from toolserver.runtimes.base import RUNNING
 
+ASGIApp = Any
+Scope = dict[str, Any]
 log = logging.getLogger(__name__)
 
 #: RFC 9110 §7.6.1 connection-specific headers, plus those the proxy sets itself.
 HOP_BY_HOP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-connection",
-        "host",
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-connection",
+        b"host",
+        SECRET_HEADER.lower().encode(),
     }
 )
+CHUNK = 256 * 1024
+_COOKIE_PREFIX = COOKIE_NAME + "="
 
 
-_HOP_BY_HOP_RAW = frozenset(h.encode() for h in HOP_BY_HOP)
+def session_cookie(cookie_header: str) -> tuple[str | None, str]:
+    """Split a Cookie header into the manager's ``node_id`` and the rest, which goes to the node."""
+    node_id, rest = None, []
+    for part in cookie_header.split(";"):
+        part = part.strip()
+        if part.startswith(_COOKIE_PREFIX):
+            node_id = part[len(_COOKIE_PREFIX) :].strip('"')
+        elif part:
+            rest.append(part)
+    return node_id, "; ".join(rest)
 
 
-def _strip_session_cookie(value: str) -> str:
-    """The Cookie header without the manager's own cookie."""
-    try:
-        jar = SimpleCookie()
-        jar.load(value)
-    except CookieError:
-        return ""
-    return "; ".join(f"{k}={m.value}" for k, m in jar.items() if k != COOKIE_NAME)
+async def send_json(send: Any, status: int, body: Any, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    data = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
 
 
 class NodeProxy:
+    """Forwards one request to the session's node through a pooled aiohttp client."""
+
     def __init__(
         self, sessions: SessionService, activity: ActivityBuffer, timeout: float, max_connections: int = 512
     ) -> None:
         self.sessions = sessions
         self.activity = activity
-        self.client = httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=5.0),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=128),
-            trust_env=False,
-            follow_redirects=False,
+        self.timeout = timeout
+        self.client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, ttl_dns_cache=None),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=timeout),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         )
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.client.close()
 
-    def _headers(self, request: Request, secret: str) -> list[tuple[str, str]]:
-        out = []
-        for name, value in request.headers.items():
-            lname = name.lower()
-            if lname in HOP_BY_HOP or lname == SECRET_HEADER.lower():
+    async def forward(self, scope: Scope, receive: Any, send: Any) -> None:
+        headers: CIMultiDict[str] = CIMultiDict()
+        node_id = None
+        has_body = False
+        for raw_name, raw_value in scope["headers"]:
+            name = raw_name.lower()
+            if name in HOP_BY_HOP:
+                has_body = has_body or name == b"transfer-encoding"
                 continue
-            if lname == "cookie":
-                value = _strip_session_cookie(value)
+            value = raw_value.decode("latin-1")
+            if name == b"cookie":
+                node_id, value = session_cookie(value)
                 if not value:
                     continue
-            out.append((name, value))
-        out.append((SECRET_HEADER, secret))
-        if request.client is not None:
-            out.append(("X-Forwarded-For", request.client.host))
-        return out
-
-    async def forward(self, request: Request) -> Response:
+            elif name == b"content-length":
+                has_body = value != "0"
+            headers.add(raw_name.decode("latin-1"), value)
         try:
-            route = await self.sessions.route(request.cookies.get(COOKIE_NAME))
+            route = await self.sessions.route(node_id)
         except InvalidSession as exc:
-            return JSONResponse({"detail": str(exc)}, status_code=403)
+            return await send_json(send, 403, {"detail": str(exc)})
         if route.status != RUNNING:
-            return JSONResponse(
-                {"detail": f"node is not running: {route.short_id} ({route.status})"}, status_code=503
+            return await send_json(
+                send, 503, {"detail": f"node is not running: {route.short_id} ({route.status})"}
             )
         self.activity.touch(route.node_id)
-        has_body = request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers
-        upstream = self.client.build_request(
-            request.method,
-            httpx.URL(
-                scheme="http",
-                host=route.host,
-                port=route.port,
-                path=request.url.path,
-                query=request.url.query.encode(),
-            ),
-            headers=self._headers(request, route.secret),
-            content=request.stream() if has_body else None,
-        )
+        headers[SECRET_HEADER] = route.secret
+        if scope.get("client"):
+            headers["X-Forwarded-For"] = scope["client"][0]
+        url = f"http://{route.host}:{route.port}{scope['path']}"
+        if scope.get("query_string"):
+            url += "?" + scope["query_string"].decode("latin-1")
         try:
-            resp = await self.client.send(upstream, stream=True)
-        except httpx.TimeoutException:
-            log.warning("node %s timed out on %s", route.short_id, request.url.path)
-            return JSONResponse(
-                {
-                    "detail": f"node did not answer within {self.client.timeout.read:g} s "
-                    "(node.request_timeout_seconds)"
-                },
-                status_code=504,
+            resp = await self.client.request(
+                scope["method"],
+                url,
+                headers=headers,
+                data=_body(receive) if has_body else None,
+                allow_redirects=False,
             )
-        except httpx.TransportError as exc:
+        except TimeoutError:
+            log.warning("node %s timed out on %s", route.short_id, scope["path"])
+            detail = f"node did not answer within {self.timeout:g} s (node.request_timeout_seconds)"
+            return await send_json(send, 504, {"detail": detail})
+        except aiohttp.ClientError as exc:
             log.warning("node %s is not responding: %s", route.short_id, exc)
             self.sessions.forget_route(route.node_id)
-            return JSONResponse({"detail": "node is not responding"}, status_code=503)
-        response = StreamingResponse(
-            resp.aiter_raw(), status_code=resp.status_code, background=BackgroundTask(resp.aclose)
-        )
-        # raw pairs keep repeated headers (Set-Cookie) and the node's own Content-Length
-        response.raw_headers = [(k, v) for k, v in resp.headers.raw if k.lower() not in _HOP_BY_HOP_RAW]
-        return response
+            return await send_json(send, 503, {"detail": "node is not responding"})
+        try:
+            out = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in HOP_BY_HOP]
+            await send({"type": "http.response.start", "status": resp.status, "headers": out})
+            async for chunk in resp.content.iter_chunked(CHUNK):
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # the answer is already under way: the server closes the connection, the client sees it cut
+            log.warning("node %s broke off its answer: %s", route.short_id, exc)
+            raise
+        finally:
+            resp.release()
+
+
+async def _body(receive: Any) -> AsyncIterator[bytes]:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ConnectionResetError("client disconnected during upload")
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return

@@ -133,22 +133,19 @@ class Store:
         await self.update_nodes({node_id: fields})
 
     async def update_nodes(self, changes: Mapping[str, Mapping[str, Any]]) -> None:
-        """Apply several per-node field updates in one transaction."""
+        """Apply per-node field updates in one transaction: one executemany per set of fields."""
         if not changes:
             return
+        groups: dict[frozenset[str], list[dict[str, Any]]] = {}
+        for node_id, fields in changes.items():
+            groups.setdefault(frozenset(fields), []).append({"id": node_id, **fields})
         async with self.session.begin() as s:
-            for node_id, fields in changes.items():
-                await s.execute(update(ToolServerNode).where(ToolServerNode.id == node_id).values(**fields))
+            for rows in groups.values():
+                await s.execute(update(ToolServerNode), rows)  # ORM bulk UPDATE by primary key
 
     async def touch_nodes(self, times: Mapping[str, datetime]) -> None:
-        """Write buffered last request times (one transaction, one statement per node)."""
-        if not times:
-            return
-        async with self.session.begin() as s:
-            for node_id, when in times.items():
-                await s.execute(
-                    update(ToolServerNode).where(ToolServerNode.id == node_id).values(last_req_time=when)
-                )
+        """Write buffered last request times."""
+        await self.update_nodes({node_id: {"last_req_time": when} for node_id, when in times.items()})
 
     async def delete_nodes(self, node_ids: Iterable[str]) -> None:
         ids = list(node_ids)
