@@ -208,3 +208,42 @@ async def inprocess_manager(root: Path, runtime_factory: Any = None, **config: A
     finally:
         server.should_exit = True
         await task
+
+
+NODE_IMAGE = os.environ.get("TOOLSERVER_NODE__IMAGE", "toolserver-node:latest")
+
+
+def docker_unavailable_reason(image: str = NODE_IMAGE) -> str | None:
+    """Why Docker tests cannot run here (no Engine, no node image), or None."""
+    try:
+        if subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode != 0:
+            return "Docker Engine unreachable; run: make docker-ready"
+        if subprocess.run(["docker", "image", "inspect", image], capture_output=True, timeout=20).returncode:
+            return f"node image {image} is missing; run: make node-image"
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"docker CLI unusable: {exc}"
+    return None
+
+
+def docker_volumes(label: str) -> list[str]:
+    """Names of the volumes carrying ``label`` (key=value)."""
+    out = subprocess.run(
+        ["docker", "volume", "ls", "-q", "--filter", f"label={label}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    return out.split()
+
+
+def docker_containers(label: str) -> list[dict[str, str]]:
+    """``docker ps -a`` rows (ID, State, Names) of containers carrying ``label`` (key=value)."""
+    out = subprocess.run(
+        ["docker", "ps", "-a", "--filter", f"label={label}", "--format", "{{.ID}} {{.State}} {{.Names}}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    return [dict(zip(("id", "state", "name"), line.split(), strict=True)) for line in out.splitlines()]

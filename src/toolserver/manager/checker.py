@@ -119,6 +119,7 @@ class NodeChecker:
             if not starting:
                 log.info("checker: node %s no longer exists; deleting its record", node.short_id)
                 report.deleted.append(node.id)
+                actions.append(("cleanup", node))
             return
         fields: dict[str, Any] = {}
         if info.status != node.status:

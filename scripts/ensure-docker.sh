@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Make a Docker Engine answer on this machine: install Debian's docker.io when dockerd is
+# missing, start dockerd in the background when `docker info` fails, wait until it answers.
+# Works as root without systemd (CI, containers, fresh VMs). Idempotent: a no-op when Docker
+# already answers.
+#
+# Environment:
+#   DOCKERD_LOG         where dockerd logs (default /var/log/toolserver-dockerd.log)
+#   DOCKER_WAIT_SECONDS how long to wait for the daemon (default 60)
+set -euo pipefail
+
+log() { echo "ensure-docker: $*" >&2; }
+
+DOCKERD_LOG=${DOCKERD_LOG:-/var/log/toolserver-dockerd.log}
+WAIT=${DOCKER_WAIT_SECONDS:-60}
+SUDO=""
+if [ "$(id -u)" != 0 ]; then
+    SUDO="sudo"
+fi
+
+docker_answers() {
+    # `docker version` negotiates the API version, so a newer client talks to an older daemon.
+    docker version --format '{{.Server.Version}}' >/dev/null 2>&1
+}
+
+if command -v docker >/dev/null 2>&1 && docker_answers; then
+    log "Docker Engine $(docker version --format '{{.Server.Version}}') answers already"
+    exit 0
+fi
+
+# one of us at a time (two `make test` at once must not start two daemons)
+exec 9>/tmp/toolserver-ensure-docker.lock
+flock 9
+if docker_answers; then
+    log "Docker Engine $(docker version --format '{{.Server.Version}}') answers already"
+    exit 0
+fi
+
+if ! command -v dockerd >/dev/null 2>&1; then
+    log "dockerd missing: installing Debian's docker.io (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -q
+    $SUDO apt-get install -y -q --no-install-recommends docker.io iptables ca-certificates
+fi
+
+if ! docker_answers; then
+    if pgrep -x dockerd >/dev/null 2>&1; then
+        log "dockerd is running but does not answer yet; waiting"
+    else
+        # A stale pid file from a killed daemon stops dockerd from starting.
+        if [ -f /var/run/docker.pid ] && ! kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; then
+            $SUDO rm -f /var/run/docker.pid
+        fi
+        log "starting dockerd in the background (log: $DOCKERD_LOG)"
+        $SUDO mkdir -p "$(dirname "$DOCKERD_LOG")"
+        # setsid: the daemon outlives this script and the make/CI step that ran it; it must not
+        # inherit the lock (fd 9).
+        $SUDO sh -c 'exec setsid nohup dockerd >>"$1" 2>&1 </dev/null 9>&-' sh "$DOCKERD_LOG" 9>&- &
+    fi
+    for _ in $(seq 1 "$((WAIT * 2))"); do
+        if docker_answers; then
+            break
+        fi
+        sleep 0.5
+    done
+fi
+
+if ! docker_answers; then
+    log "Docker Engine did not answer within ${WAIT}s; last lines of $DOCKERD_LOG:"
+    tail -n 30 "$DOCKERD_LOG" >&2 || true
+    exit 1
+fi
+
+# The client (maybe newer than the daemon, e.g. client 28 vs Debian's dockerd 20.10) and
+# aiodocker both negotiate the API version; say which one is in use.
+log "Docker Engine $(docker version --format '{{.Server.Version}}') answers" \
+    "(API $(docker version --format '{{.Server.APIVersion}}'), client $(docker version --format '{{.Client.Version}}'))"

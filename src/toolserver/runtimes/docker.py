@@ -1,0 +1,355 @@
+"""The Docker runtime: every node is a hardened container, driven through the Engine API (aiodocker).
+
+A node is a container ``toolserver-node-<node_id>`` plus a named volume
+``toolserver-node-<node_id>-workspace`` mounted at ``/workspace``; both carry the labels
+``toolserver.manager_id`` and ``toolserver.node_id``, by which :meth:`DockerRuntime.list` finds
+them (one labelled ``GET /containers/json`` call) and orphans are cleaned up. ``restart`` keeps
+the volume, ``remove`` deletes container and volume.
+
+Address modes (``node.address_mode``): ``published`` publishes the node port on 127.0.0.1 with a
+random host port, reported as ``127.0.0.1:<port>``; ``network`` reports the container's address on
+``node.network`` and the node's own port, for a manager that runs in a container on that network.
+
+Status and health are Docker's (``State.Status``, ``State.Health.Status``; in ``list`` the Status
+text), except that a node Docker still calls "starting" is reported healthy once its GET /health
+answers 200: Docker 20.10 probes only every healthcheck interval (30 s in the image, as exec probes
+are costly), and the manager should not wait that long for a ready node.
+
+The client connects lazily and is dropped whenever the Engine cannot be reached, so the runtime
+recovers by itself when Docker comes back; until then every call raises RuntimeUnavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import aiodocker
+import aiohttp
+import httpx
+from aiodocker.exceptions import DockerError
+from aiodocker.volumes import DockerVolume
+
+from toolserver.errors import NodeNotFound, RuntimeBackendError, RuntimeUnavailable
+from toolserver.runtimes.base import HEALTHY, LABEL_MANAGER, RUNNING, STARTING, NodeInfo, NodeSpec, Runtime
+from toolserver.runtimes.docker_config import (
+    LABEL_ROLE,
+    ROLE_NODE,
+    NodeTemplate,
+    check_node_id,
+    container_name,
+    volume_name,
+)
+from toolserver.runtimes.docker_state import from_inspect, from_list_entry
+
+if TYPE_CHECKING:
+    from toolserver.manager.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "unix:///var/run/docker.sock"
+#: Longest wait for one Engine API call (stop/restart add their grace period).
+CALL_TIMEOUT = 30.0
+PULL_TIMEOUT = 600.0
+#: Timeout of the runtime's own GET /health while Docker still says "starting".
+PROBE_TIMEOUT = 1.0
+#: aiodocker reports a failed connection as status 900.
+_UNREACHABLE = 900
+#: Fields of a ``GET /containers/json`` item that NodeInfo is made from.
+_LIST_KEYS = ("Id", "Names", "State", "Status", "Labels", "Ports", "NetworkSettings")
+T = TypeVar("T")
+
+
+class DockerRuntime(Runtime):
+    """Nodes as Docker containers (see the module docstring)."""
+
+    name = "docker"
+
+    def __init__(self, settings: Settings) -> None:
+        self.template = NodeTemplate.from_settings(settings)
+        self.url = settings.node.docker_url or os.environ.get("DOCKER_HOST") or DEFAULT_URL
+        version = os.environ.get("DOCKER_API_VERSION", "").strip()
+        self.api_version = f"v{version.lstrip('v')}" if version else "auto"
+        self._client: aiodocker.Docker | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- the client ---------------------------------------------------------------------------------
+
+    def _docker(self) -> aiodocker.Docker:
+        """The client, (re)made on first use, after a failure, or on another event loop."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._client = self._http = None  # bound to a loop that is gone
+        if self._client is None:
+            try:
+                self._client = aiodocker.Docker(
+                    url=self.url,
+                    api_version=self.api_version,
+                    timeout=aiohttp.ClientTimeout(total=None, connect=10),
+                )
+            except (ValueError, AssertionError) as exc:
+                raise RuntimeUnavailable(f"cannot use Docker Engine address {self.url!r}: {exc}") from exc
+            self._loop = loop
+        return self._client
+
+    async def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None and self._loop is asyncio.get_running_loop():
+            with contextlib.suppress(Exception):
+                await client.close()
+
+    async def _confirm_ready(self, infos: list[NodeInfo]) -> None:
+        """Docker's first probe comes one healthcheck interval after the start (20.10 has no
+        start interval): while it says "starting", a 200 from GET /health on the node's address
+        (one cheap HTTP request, no exec) reports the node healthy. Never overrides "unhealthy"."""
+        waiting = [i for i in infos if i.status == RUNNING and i.health == STARTING and i.port and i.host]
+        if not waiting:
+            return
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=PROBE_TIMEOUT, trust_env=False)
+        http = self._http
+
+        async def probe(info: NodeInfo) -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get(f"http://{info.host}:{info.port}/health")).status_code == 200:
+                    info.health = HEALTHY
+
+        await asyncio.gather(*(probe(i) for i in waiting))
+
+    def _unavailable(self, reason: object) -> RuntimeUnavailable:
+        return RuntimeUnavailable(
+            f"Docker Engine unreachable at {self.url}: {reason} "
+            "(start it with scripts/ensure-docker.sh, or set node.docker_url)"
+        )
+
+    async def _api(
+        self,
+        action: str,
+        fn: Callable[[aiodocker.Docker], Awaitable[T]],
+        *,
+        limit: float = CALL_TIMEOUT,
+        ok: tuple[int, ...] = (),
+        missing: bool = False,
+    ) -> T | None:
+        """Run ``fn(client)`` and map failures: statuses in ``ok`` count as done (None), 404 raises
+        NodeNotFound when ``missing``, an unreachable or hung Engine raises RuntimeUnavailable,
+        any other Engine error RuntimeBackendError."""
+        docker = self._docker()
+        try:
+            async with asyncio.timeout(limit):
+                return await fn(docker)
+        except DockerError as exc:
+            if exc.status == _UNREACHABLE:
+                await self._drop_client()
+                raise self._unavailable(exc.message) from None
+            if exc.status in ok:
+                return None
+            if missing and exc.status == 404:
+                raise NodeNotFound(f"docker {action}: {exc.message}") from None
+            raise RuntimeBackendError(f"docker {action} failed: {exc.message} (HTTP {exc.status})") from None
+        except TimeoutError:
+            await self._drop_client()
+            raise self._unavailable(f"no answer to {action} within {limit:.0f}s") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            await self._drop_client()
+            raise self._unavailable(exc) from None
+
+    @staticmethod
+    def _ref(state: dict[str, Any]) -> str:
+        ref = state.get("container_id") or state.get("container")
+        if not ref and state.get("node_id"):
+            ref = container_name(str(state["node_id"]))
+        if not ref:
+            raise NodeNotFound("runtime state names no container")
+        return str(ref)
+
+    def _info(self, data: dict[str, Any]) -> NodeInfo:
+        t = self.template
+        return from_inspect(data, address_mode=t.address_mode, network=t.network, port=t.port)
+
+    # ---- contract -----------------------------------------------------------------------------------
+
+    async def create(self, spec: NodeSpec) -> NodeInfo:
+        check_node_id(spec.node_id)
+        body = self.template.container_body(spec)
+        name = container_name(spec.node_id)
+        volume = volume_name(spec.node_id)
+        made_volume = False
+
+        async def create(docker: aiodocker.Docker) -> dict[str, Any] | None:
+            """The new container's inspect data; None when the image is missing."""
+            nonlocal made_volume
+            try:
+                await docker.volumes.get(volume)
+            except DockerError as exc:
+                if exc.status != 404:
+                    raise
+                await docker.volumes.create(self.template.volume_body(spec))
+                made_volume = True
+            try:
+                container = await docker.containers.create(body, name=name)
+            except DockerError as exc:
+                if exc.status == 404 and "image" in exc.message.lower():
+                    return None
+                if exc.status != 409:
+                    raise
+                await self._replace_stale(docker, name, spec)
+                container = await docker.containers.create(body, name=name)
+            return await container.show()
+
+        try:
+            data = await self._api("create", create)
+            if data is None:
+                await self._pull(str(body["Image"]))
+                data = await self._api("create", create)
+            if data is None:
+                raise RuntimeBackendError(f"node image {body['Image']!r} is still missing after a pull")
+        except BaseException:
+            if made_volume:
+                with contextlib.suppress(Exception):
+                    await self._api("volume rm", lambda docker: self._remove_volume(docker, volume))
+            raise
+        return self._info(data)
+
+    async def _pull(self, image: str) -> None:
+        log.info("node image %s is missing: pulling it", image)
+
+        async def pull(docker: aiodocker.Docker) -> None:
+            try:
+                async with asyncio.timeout(PULL_TIMEOUT):
+                    await docker.images.pull(image)
+            except TimeoutError:
+                raise RuntimeBackendError(f"pulling {image!r} took more than {PULL_TIMEOUT:.0f}s") from None
+
+        try:
+            await self._api("pull", pull, limit=PULL_TIMEOUT + CALL_TIMEOUT)
+        except RuntimeUnavailable:
+            raise
+        except RuntimeBackendError as exc:
+            raise RuntimeBackendError(
+                f"node image {image!r} is missing and cannot be pulled ({exc}); "
+                "build it with 'make node-image' (scripts/build-node-image.sh) or set node.image"
+            ) from None
+
+    async def _replace_stale(self, docker: aiodocker.Docker, name: str, spec: NodeSpec) -> None:
+        """A container of that name exists: replace it if it is a leftover of the same manager."""
+        old = await docker.containers.get(name)
+        labels = old["Config"].get("Labels") or {}
+        if labels.get(LABEL_MANAGER) != spec.manager_id:
+            raise RuntimeBackendError(f"a container named {name} exists and is not this manager's")
+        log.warning("replacing leftover container %s", name)
+        await old.delete(force=True, v=True)
+
+    async def start(self, state: dict[str, Any]) -> NodeInfo:
+        ref = self._ref(state)
+
+        async def start(docker: aiodocker.Docker) -> dict[str, Any]:
+            await docker.containers.container(ref).start()  # 304 (already running) is no error
+            return await docker.containers.container(ref).show()
+
+        return self._info(await self._api("start", start, missing=True))
+
+    async def stop(self, state: dict[str, Any], grace: float = 5.0) -> None:
+        ref = self._ref(state)
+        t = max(0, round(grace))
+
+        async def stop(docker: aiodocker.Docker) -> None:
+            await docker.containers.container(ref).stop(t=t)
+
+        # 304 already stopped, 404 gone, 409 being removed: all count as done
+        await self._api("stop", stop, limit=CALL_TIMEOUT + t, ok=(304, 404, 409))
+
+    async def restart(self, state: dict[str, Any], grace: float = 5.0) -> NodeInfo:
+        ref = self._ref(state)
+        t = max(0, round(grace))
+
+        async def restart(docker: aiodocker.Docker) -> dict[str, Any]:
+            await docker.containers.container(ref).restart(t=t)
+            return await docker.containers.container(ref).show()
+
+        return self._info(await self._api("restart", restart, limit=CALL_TIMEOUT + t, missing=True))
+
+    async def kill(self, state: dict[str, Any]) -> None:
+        ref = self._ref(state)
+
+        async def kill(docker: aiodocker.Docker) -> None:
+            await docker.containers.container(ref).kill()
+
+        await self._api("kill", kill, ok=(404, 409))  # gone / not running
+
+    async def remove(self, state: dict[str, Any]) -> None:
+        ref = self._ref(state)
+        volume = state.get("volume") or (volume_name(state["node_id"]) if state.get("node_id") else None)
+
+        async def rm(docker: aiodocker.Docker) -> None:
+            await docker.containers.container(ref).delete(force=True, v=True)
+
+        await self._api("rm", rm, ok=(404, 409))  # gone / removal already in progress
+        if volume:
+            await self._api("volume rm", lambda docker: self._remove_volume(docker, str(volume)))
+
+    async def _remove_volume(self, docker: aiodocker.Docker, name: str) -> None:
+        """Delete a volume; gone is fine, in use is retried while its container goes away."""
+        for attempt in range(100):
+            try:
+                await DockerVolume(docker, name).delete()
+                return
+            except DockerError as exc:
+                if exc.status == 404:
+                    return
+                if exc.status != 409 or attempt == 99:
+                    raise
+            await asyncio.sleep(0.1)
+
+    async def inspect(self, state: dict[str, Any]) -> NodeInfo:
+        ref = self._ref(state)
+        data = await self._api(
+            "inspect", lambda docker: docker.containers.container(ref).show(), missing=True
+        )
+        info = self._info(data)
+        await self._confirm_ready([info])
+        return info
+
+    async def list(self, manager_id: str) -> list[NodeInfo]:
+        """All of ``manager_id``'s containers, exited ones included, from ONE labelled list call."""
+        t = self.template
+        filters = {"label": [f"{LABEL_MANAGER}={manager_id}", f"{LABEL_ROLE}={ROLE_NODE}"]}
+        containers = await self._api("ps", lambda docker: docker.containers.list(all=True, filters=filters))
+        infos = [
+            from_list_entry(
+                {k: c[k] for k in _LIST_KEYS if k in c},
+                address_mode=t.address_mode,
+                network=t.network,
+                port=t.port,
+            )
+            for c in containers or []
+        ]
+        await self._confirm_ready(infos)
+        return infos
+
+    async def prune_volumes(self, manager_id: str) -> list[str]:
+        """Remove ``manager_id``'s workspace volumes that no container uses; return their names."""
+        labels = [f"{LABEL_MANAGER}={manager_id}", f"{LABEL_ROLE}={ROLE_NODE}"]
+        filters = {"label": labels, "dangling": ["true"]}
+        answer = await self._api("volume ls", lambda docker: docker.volumes.list(filters=filters))
+        removed = []
+        for vol in (answer or {}).get("Volumes") or []:
+            name = vol["Name"]
+            await self._api("volume rm", lambda docker, name=name: self._remove_volume(docker, name))
+            removed.append(name)
+        return removed
+
+    async def ping(self) -> dict[str, Any]:
+        """The Engine's version answer; RuntimeUnavailable when it cannot be reached."""
+        return await self._api("version", lambda docker: docker.version()) or {}
+
+    async def aclose(self) -> None:
+        await self._drop_client()
+        http, self._http = self._http, None
+        if http is not None and self._loop is asyncio.get_running_loop():
+            await http.aclose()
