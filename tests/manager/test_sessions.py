@@ -137,7 +137,7 @@ def test_node_killed_is_seen_and_answers_503(manager: ManagerProcess) -> None:
         # the checker ticks every 0.2 s: two ticks and a little
         wait_until(
             lambda: manager.node(session.node_id)["status"] == "exited",
-            timeout=0.2 * 2 + 0.5,
+            timeout=0.2 * 2 + 1.0,
             what="status exited",
         )
         with pytest.raises(ClientError) as err:
