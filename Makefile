@@ -39,7 +39,11 @@ lint: venv
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
+# The benchmark suite; writes docs/benchmarks.md and docs/session_ready.png. Docker figures need
+# dockerd and the node image, which it sets up when it can.
 bench: venv
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]'
+	-$(MAKE) docker-ready
 	$(BIN)/python -m bench
 
 clean:

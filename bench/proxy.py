@@ -1,0 +1,190 @@
+"""Benchmark 2: proxy overhead of the manager, against nginx in front of the same node.
+
+One real manager subprocess (process runtime, ``--log-level warning``) starts one session's node.
+The same node is then loaded three ways, back to back, by the load generator (``bench.loadgen``,
+a separate process: asyncio + httptools, closed loop, keep-alive connections):
+
+* *direct*: the node's own port, with the ``X-ToolServer-Node-Secret`` header;
+* *nginx*: Debian's nginx as a plain reverse proxy (one worker, keep-alive upstream, access log
+  off, the secret injected with ``proxy_set_header``);
+* *manager*: the manager's port with the session cookie.
+
+Two requests: *small*, ``execute_tool`` of ``calculator("6*7")`` (59-byte body, answer ``42``);
+*1 KB echo*, ``calculator`` of a 1,024-digit integer literal, which answers the same 1,024 digits
+(1.08 KB body in, 1 KB out). Each is run at concurrency 1 and 64, with a warm-up, bounded by a
+request count and a duration; the full run repeats every (target) measurement in two rounds in
+alternating order and pools them. *Added latency* is the proxied percentile minus the direct one;
+requests per second are the generator's completed answers over its timed phase. Everything
+(node, proxy, generator) shares the same 2 cores, so throughput is the machine's, not a proxy's
+alone.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from bench import profiling
+from bench.common import Context, Figure, Outcome, at_least, at_most, summary
+from bench.loadgen import build_request, run_in_subprocess
+from bench.nginx import Nginx, ensure_nginx
+from bench.procs import Manager
+
+NAME = "proxy"
+TITLE = "Proxy overhead"
+ECHO_DIGITS = "1234567890" * 102 + "1234"  # 1,024 digits
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "small": {"tool_name": "calculator", "arguments": {"expression": "6*7"}},
+    "1 KB echo": {"tool_name": "calculator", "arguments": {"expression": ECHO_DIGITS}},
+}
+EXPECTED = {"small": "42", "1 KB echo": ECHO_DIGITS}
+TARGETS = ("direct", "nginx", "manager")
+ADDED_P50_MS = 1.0
+THROUGHPUT_RATIO = 0.5
+
+
+class Endpoints:
+    """Where each target listens and which headers it needs."""
+
+    def __init__(self) -> None:
+        self.ports: dict[str, int] = {}
+        self.headers: dict[str, dict[str, str]] = {}
+
+    def add(self, target: str, port: int, headers: dict[str, str]) -> None:
+        self.ports[target] = port
+        self.headers[target] = headers
+
+    def request(self, target: str, payload: dict[str, Any]) -> bytes:
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json", **self.headers[target]}
+        return build_request("POST", "/execute_tool", "127.0.0.1", self.ports[target], body, headers)
+
+    def check(self, workload: str) -> None:
+        """One request per target through httpx: the answer must be the expected echo."""
+        for target in self.ports:
+            url = f"http://127.0.0.1:{self.ports[target]}/execute_tool"
+            resp = httpx.post(url, json=WORKLOADS[workload], headers=self.headers[target], trust_env=False)
+            if resp.status_code != 200 or resp.text.strip().strip('"') != EXPECTED[workload]:
+                raise RuntimeError(f"{target} answered {resp.status_code}: {resp.text[:200]}")
+
+
+def _load(ends: Endpoints, target: str, workload: str, concurrency: int, ctx: Context) -> dict[str, Any]:
+    requests = ctx.pick(3000, 600) if concurrency == 1 else ctx.pick(30000, 4000)
+    spec = {
+        "host": "127.0.0.1",
+        "port": ends.ports[target],
+        "request": ends.request(target, WORKLOADS[workload]).decode("latin-1"),
+        "concurrency": concurrency,
+        "requests": requests,
+        "duration": ctx.pick(8, 3),
+        "warmup": max(100, 2 * concurrency),
+    }
+    return run_in_subprocess(spec)
+
+
+def _measure(ends: Endpoints, ctx: Context) -> dict[str, Any]:
+    """{workload: {concurrency: {target: {latencies_us, rps, errors, ...}}}}."""
+    rounds = ctx.pick(2, 1)
+    out: dict[str, Any] = {}
+    for workload in WORKLOADS:
+        ends.check(workload)
+        out[workload] = {}
+        for concurrency in (1, 64):
+            cell: dict[str, dict[str, Any]] = {
+                t: {"latencies_us": [], "rps": [], "errors": 0} for t in TARGETS
+            }
+            for rnd in range(rounds):
+                order = TARGETS if rnd % 2 == 0 else tuple(reversed(TARGETS))
+                for target in order:
+                    res = _load(ends, target, workload, concurrency, ctx)
+                    cell[target]["latencies_us"] += res["latencies_us"]
+                    cell[target]["rps"].append(res["rps"])
+                    cell[target]["errors"] += res["errors"]
+                    if res["worker_failures"]:
+                        raise RuntimeError(f"{target}: load generator failures {res['worker_failures']}")
+            for target in TARGETS:
+                lat = cell[target].pop("latencies_us")
+                cell[target]["latency_ms"] = {
+                    k: v / 1000 if k != "count" else v for k, v in summary(lat).items()
+                }
+                cell[target]["rps_mean"] = sum(cell[target]["rps"]) / len(cell[target]["rps"])
+            out[workload][str(concurrency)] = cell
+    return out
+
+
+def _figures(results: dict[str, Any]) -> list[Figure]:
+    rows = []
+    for workload, by_conc in results.items():
+        for conc, cell in by_conc.items():
+            lat = {t: cell[t]["latency_ms"] for t in TARGETS}
+            for pct in ("p50", "p99"):
+                added = lat["manager"][pct] - lat["direct"][pct]
+                ref = lat["nginx"][pct] - lat["direct"][pct]
+                has_target = pct == "p50" and conc == "1"
+                rows.append(
+                    Figure(
+                        NAME,
+                        f"{workload}, c={conc}: added latency {pct}",
+                        added,
+                        "ms",
+                        f"nginx adds {ref:.3f} ms (direct {lat['direct'][pct]:.3f} ms)",
+                        f"≤ {ADDED_P50_MS:g} ms" if has_target else "",
+                        at_most(added, ADDED_P50_MS) if has_target else None,
+                    )
+                )
+            rps = {t: cell[t]["rps_mean"] for t in TARGETS}
+            ratio = rps["manager"] / rps["nginx"] if rps["nginx"] else float("nan")
+            has_target = conc == "64"
+            rows.append(
+                Figure(
+                    NAME,
+                    f"{workload}, c={conc}: requests/s through the manager",
+                    rps["manager"],
+                    "req/s",
+                    f"nginx {rps['nginx']:,.0f} req/s, direct {rps['direct']:,.0f} req/s",
+                    "≥ 50% of nginx" if has_target else "",
+                    at_least(ratio, THROUGHPUT_RATIO) if has_target else None,
+                    note=f"{100 * ratio:.0f}% of nginx",
+                )
+            )
+    return rows
+
+
+def _profile_manager(ends: Endpoints, manager: Manager, ctx: Context) -> dict[str, Any]:
+    """py-spy on the manager during an extra (unrecorded) manager run: small, c=64."""
+    out = ctx.results_dir / "proxy-manager.pyspy.txt"
+    with profiling.attach(manager.pid, out) as info:
+        _load(ends, "manager", "small", 64, ctx)
+    return info
+
+
+def run(ctx: Context) -> Outcome:
+    outcome = Outcome(NAME, TITLE, method=__doc__ or "")
+    binary, why = ensure_nginx()
+    root = ctx.workdir / "proxy"
+    with Manager(root / "manager", node={"health_check_interval": 1.0}) as manager:
+        with httpx.Client(base_url=manager.url, trust_env=False, timeout=120) as http:
+            cookie = http.post("/get_cookie").cookies["node_id"]
+        record = manager.node(cookie)
+        ends = Endpoints()
+        ends.add("direct", record["port"], {"X-ToolServer-Node-Secret": record["secret"]})
+        ends.add("manager", manager.port, {"Cookie": f"node_id={cookie}"})
+        if binary is None:
+            outcome.notes.append(f"nginx reference skipped: {why}")
+            return outcome
+        with Nginx(binary, root / "nginx", f"{record['ip']}:{record['port']}", record["secret"]) as nginx:
+            ends.add("nginx", nginx.port, {})
+            results = _measure(ends, ctx)
+            outcome.raw["results"] = results
+            outcome.add(*_figures(results))
+            if ctx.profile or any(f.ok is False for f in outcome.figures):
+                info = _profile_manager(ends, manager, ctx)
+                outcome.raw["profile"] = info
+                if "summary" in info:
+                    outcome.notes.append(
+                        "py-spy, manager under small c=64:\n" + profiling.describe(info["summary"])
+                    )
+    outcome.notes.append("2 cores only: load generator, nginx or manager, and the node share them.")
+    return outcome

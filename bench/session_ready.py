@@ -1,0 +1,252 @@
+"""Benchmark 1: session ready, /get_cookie -> first successful execute_tool, warm-pool hit vs cold.
+
+For each runtime (process; Docker where ``docker info`` answers and the node image exists) a real
+manager subprocess serves sessions one after another; each session is timed from sending
+``POST /get_cookie`` to its answer (*/get_cookie*; with ``node.health_check`` on, the answer
+means the node is healthy) and to the first ``execute_tool`` answered 200 (*ready*; the
+calculator tool, retried until it succeeds), then released (not timed).
+
+* cold: ``node.warm_pool_size: 0``, every session starts a node.
+* warm: ``node.warm_pool_size: 2``; before each session the benchmark waits until the pool is full
+  again, so each ``/get_cookie`` can claim a pool node (a *hit*: its cookie was among the pool's
+  nodes just before). The refill the claim triggers runs while the session's first request is
+  served, as it would in production.
+
+The reference is the bare start of the same node without a manager, measured in the same run:
+``toolserver node`` launched as a process (or ``docker run`` of the node image) until
+``GET /health`` answers 200, polled every 10 ms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.common import Context, Figure, Outcome, at_most, summary
+from bench.dockerenv import BareContainer, unavailable_reason
+from bench.procs import Manager, Node
+
+NAME = "session_ready"
+TITLE = "Session ready"
+POOL_SIZE = 2
+SMALL_TOOL = {"tool_name": "calculator", "arguments": {"expression": "6*7"}}
+WARM_P50_MS, WARM_P99_MS = 15.0, 60.0
+COLD_TARGET_MS = {"process": 800.0, "docker": 1500.0}
+
+
+@dataclass
+class Sample:
+    cookie_ms: float
+    ready_ms: float
+    attempts: int
+    hit: bool | None = None
+
+
+def one_session(http: httpx.Client, timeout: float = 120.0) -> tuple[str, Sample]:
+    """Time /get_cookie and the first successful execute_tool of a new session."""
+    t0 = time.perf_counter()
+    resp = http.post("/get_cookie")
+    t1 = time.perf_counter()
+    http.cookies.clear()
+    if resp.status_code != 200 or "node_id" not in resp.cookies:
+        raise RuntimeError(f"/get_cookie answered {resp.status_code}: {resp.text[:300]}")
+    cookie = resp.cookies["node_id"]
+    headers = {"Cookie": f"node_id={cookie}"}
+    attempts = 0
+    deadline = time.monotonic() + timeout
+    while True:
+        attempts += 1
+        answer = http.post("/execute_tool", json=SMALL_TOOL, headers=headers)
+        if answer.status_code == 200:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"execute_tool never succeeded: {answer.status_code} {answer.text[:300]}")
+        time.sleep(0.005)
+    t2 = time.perf_counter()
+    return cookie, Sample((t1 - t0) * 1000, (t2 - t0) * 1000, attempts)
+
+
+def release(http: httpx.Client, cookie: str) -> None:
+    with contextlib.suppress(httpx.HTTPError):
+        http.post("/release_session", headers={"Cookie": f"node_id={cookie}"})
+
+
+def measure(manager: Manager, count: int, warm: bool, budget_s: float) -> list[Sample]:
+    """``count`` sessions one after another (stopping early when ``budget_s`` is spent)."""
+    samples: list[Sample] = []
+    stop_at = time.monotonic() + budget_s
+    with httpx.Client(base_url=manager.url, timeout=180.0, trust_env=False) as http:
+        for _ in range(count):
+            if time.monotonic() > stop_at:
+                break
+            pool: set[str] = set()
+            if warm:
+                deadline = time.monotonic() + 120
+                while len(pool := manager.pooled_ready()) < POOL_SIZE:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"warm pool not refilled within 120 s: {manager.tail()}")
+                    time.sleep(0.02)
+                time.sleep(0.05)  # let the refill's last record write settle
+            cookie, sample = one_session(http)
+            if warm:
+                sample.hit = cookie in pool
+            samples.append(sample)
+            release(http, cookie)
+    return samples
+
+
+def bare_process_starts(root: Path, count: int) -> list[float]:
+    """Reference: ``toolserver node`` launched directly until /health answers (ms)."""
+    out = []
+    for i in range(count):
+        node = Node(root / f"bare-{i}")
+        try:
+            t0 = node.launch()
+            out.append((node.wait_healthy() - t0) * 1000)
+        finally:
+            node.stop()
+    return out
+
+
+def bare_docker_starts(label: str, count: int) -> list[float]:
+    """Reference: ``docker run`` of the node image until /health answers (ms)."""
+    out = []
+    for _ in range(count):
+        box = BareContainer(label)
+        try:
+            out.append(box.start_to_healthy() * 1000)
+        finally:
+            box.remove()
+    return out
+
+
+def _runtime_config(runtime: str, pool: int) -> dict[str, Any]:
+    return {"runtime": runtime, "node": {"warm_pool_size": pool, "health_check_interval": 0.2}}
+
+
+def _ms(stats: dict[str, float], key: str) -> str:
+    return f"{stats.get(key, float('nan')):.0f} ms"
+
+
+def _figures(runtime: str, cold: list[Sample], warm: list[Sample], bare: list[float]) -> list[Figure]:
+    c_cookie = summary([s.cookie_ms for s in cold])
+    c_ready = summary([s.ready_ms for s in cold])
+    w_cookie = summary([s.cookie_ms for s in warm if s.hit])
+    w_ready = summary([s.ready_ms for s in warm if s.hit])
+    b = summary(bare)
+    ref_cold = f"cold /get_cookie p50 {_ms(c_cookie, 'p50')}"
+    bare_what = "bare node process" if runtime == "process" else "bare `docker run`"
+    hits = sum(1 for s in warm if s.hit)
+    bare_ref = f"{bare_what} → /health p50 {_ms(b, 'p50')}"
+    rows = [
+        Figure(
+            NAME,
+            f"{runtime}: warm-pool hit, /get_cookie p50",
+            w_cookie.get("p50"),
+            "ms",
+            ref_cold,
+            f"≤ {WARM_P50_MS:g} ms",
+            at_most(w_cookie.get("p50"), WARM_P50_MS),
+            note=f"{hits}/{len(warm)} sessions were pool hits",
+        ),
+        Figure(
+            NAME,
+            f"{runtime}: warm-pool hit, /get_cookie p99",
+            w_cookie.get("p99"),
+            "ms",
+            f"cold /get_cookie p99 {_ms(c_cookie, 'p99')}",
+            f"≤ {WARM_P99_MS:g} ms",
+            at_most(w_cookie.get("p99"), WARM_P99_MS),
+        ),
+        Figure(
+            NAME,
+            f"{runtime}: cold, healthy (/get_cookie) p50",
+            c_cookie.get("p50"),
+            "ms",
+            bare_ref,
+            f"≤ {COLD_TARGET_MS[runtime]:g} ms",
+            at_most(c_cookie.get("p50"), COLD_TARGET_MS[runtime]),
+            note=f"p95 {_ms(c_cookie, 'p95')}, p99 {_ms(c_cookie, 'p99')}",
+        ),
+    ]
+    for label, stats, ref in (
+        ("warm", w_ready, f"cold ready p50 {_ms(c_ready, 'p50')}"),
+        ("cold", c_ready, bare_ref),
+    ):
+        rows.append(
+            Figure(
+                NAME,
+                f"{runtime}: {label}, session ready p50",
+                stats.get("p50"),
+                "ms",
+                ref,
+                note=f"p95 {_ms(stats, 'p95')}, p99 {_ms(stats, 'p99')}, n = {stats.get('count', 0)}",
+            )
+        )
+    return rows
+
+
+def _one_runtime(ctx: Context, runtime: str, outcome: Outcome) -> None:
+    sessions = ctx.pick(50, 8)
+    bare_count = ctx.pick(20, 3)
+    budget = ctx.pick(240, 60)
+    raw: dict[str, Any] = {"sessions_requested": sessions}
+    root = ctx.workdir / f"ready-{runtime}"
+    with Manager(root / "cold", **_runtime_config(runtime, 0)) as manager:
+        label = manager.manager_id  # bare containers carry it, so cleanup finds them
+        if runtime == "process":
+            bare = bare_process_starts(root, bare_count)
+        else:
+            bare = bare_docker_starts(label, bare_count)
+        one_session_warmup(manager)
+        cold = measure(manager, sessions, warm=False, budget_s=budget)
+    with Manager(root / "warm", **_runtime_config(runtime, POOL_SIZE)) as manager:
+        warm = measure(manager, sessions, warm=True, budget_s=budget)
+    raw.update(
+        cold=[vars(s) for s in cold],
+        warm=[vars(s) for s in warm],
+        bare_start_ms=bare,
+        summary={
+            "cold_cookie_ms": summary([s.cookie_ms for s in cold]),
+            "cold_ready_ms": summary([s.ready_ms for s in cold]),
+            "warm_cookie_ms": summary([s.cookie_ms for s in warm if s.hit]),
+            "warm_ready_ms": summary([s.ready_ms for s in warm if s.hit]),
+            "bare_start_ms": summary(bare),
+        },
+    )
+    outcome.raw[runtime] = raw
+    outcome.add(*_figures(runtime, cold, warm, bare))
+    if len(cold) < sessions or len(warm) < sessions:
+        outcome.notes.append(
+            f"{runtime}: the time budget ({budget} s per case) stopped the run at "
+            f"{len(cold)} cold and {len(warm)} warm sessions"
+        )
+
+
+def one_session_warmup(manager: Manager) -> None:
+    """One untimed session first: imports, connection pools, page cache."""
+    with httpx.Client(base_url=manager.url, timeout=180.0, trust_env=False) as http:
+        cookie, _ = one_session(http)
+        release(http, cookie)
+
+
+def run(ctx: Context) -> Outcome:
+    outcome = Outcome(NAME, TITLE, method=__doc__ or "")
+    _one_runtime(ctx, "process", outcome)
+    why = unavailable_reason()
+    if why is None:
+        try:
+            _one_runtime(ctx, "docker", outcome)
+        except Exception as exc:  # keep the process runtime's figures
+            why = f"the Docker run failed: {type(exc).__name__}: {exc}"
+    if why is not None:
+        outcome.notes.append(f"Docker runtime skipped: {why}.")
+        outcome.add(
+            Figure(NAME, "docker: cold, healthy (/get_cookie) p50", None, "ms", "skipped", "≤ 1500 ms")
+        )
+    return outcome
