@@ -45,6 +45,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 CHUNK = 256 * 1024
+SMALL_BODY = 64 * 1024
 _COOKIE_PREFIX = COOKIE_NAME + "="
 
 
@@ -136,6 +137,8 @@ class NodeProxy:
                 data=_body(receive) if has_body else None,
                 allow_redirects=False,
             )
+        except ConnectionResetError:  # the client went away during its upload
+            return None
         except TimeoutError:
             log.warning("node %s timed out on %s", route.short_id, scope["path"])
             detail = f"node did not answer within {self.timeout:g} s (node.request_timeout_seconds)"
@@ -168,3 +171,7 @@ async def _body(receive: Any) -> AsyncIterator[bytes]:
             yield chunk
         if not message.get("more_body", False):
             return
+
+
+async def _read_all(receive: Any) -> bytes:
+    return b"".join([chunk async for chunk in _body(receive)])

@@ -29,7 +29,11 @@ log = logging.getLogger(__name__)
 
 #: How long a routing entry is trusted before the record is read again.
 ROUTE_TTL = 1.0
+#: Longest pause between two readiness polls of a starting node (a poll is one cheap inspect).
+READY_POLL_MAX = 0.05
 MAX_TOKEN_LENGTH = 128
+#: Expired routes are dropped when the cache grows past this many entries.
+ROUTE_CACHE_PRUNE_AT = 1024
 
 
 def new_token() -> str:
@@ -75,26 +79,42 @@ class SessionService:
         self.busy: set[str] = set()
         self._capacity = asyncio.Lock()
         self._routes: dict[str, Route] = {}
+        self._lookups: dict[str, asyncio.Future[Route | None]] = {}
         #: called after every warm-pool claim attempt (the pool refills itself)
         self.on_claim: Callable[[], None] | None = None
 
     # ---- routing ------------------------------------------------------------------------------------
 
     async def route(self, node_id: str | None) -> Route:
-        """The route for a session cookie; raises InvalidSession for a missing or unknown one."""
+        """The route for a session cookie; raises InvalidSession for a missing or unknown one.
+
+        Routes are cached for ROUTE_TTL seconds; concurrent misses for one node share one read.
+        """
         if not node_id or len(node_id) > MAX_TOKEN_LENGTH:
             raise InvalidSession(f"invalid node_id: {(node_id or 'None')[:MAX_TOKEN_LENGTH]}")
-        now = time.monotonic()
         route = self._routes.get(node_id)
-        if route is None or route.expires < now:
-            node = await self.store.get_node(node_id)
-            if node is None:
-                self._routes.pop(node_id, None)
-                raise InvalidSession(f"invalid node_id: {node_id}")
-            route = Route(
-                node.id, node.short_id, node.status, node.ip, node.port, node.secret, now + ROUTE_TTL
-            )
-            self._routes[node_id] = route
+        if route is not None and route.expires >= time.monotonic():
+            return route
+        pending = self._lookups.get(node_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load_route(node_id))
+            self._lookups[node_id] = pending
+            pending.add_done_callback(lambda _: self._lookups.pop(node_id, None))
+        route = await asyncio.shield(pending)
+        if route is None:
+            raise InvalidSession(f"invalid node_id: {node_id}")
+        return route
+
+    async def _load_route(self, node_id: str) -> Route | None:
+        node = await self.store.get_node(node_id)
+        now = time.monotonic()
+        if len(self._routes) > ROUTE_CACHE_PRUNE_AT:
+            self._routes = {k: r for k, r in self._routes.items() if r.expires >= now}
+        if node is None:
+            self._routes.pop(node_id, None)
+            return None
+        route = Route(node.id, node.short_id, node.status, node.ip, node.port, node.secret, now + ROUTE_TTL)
+        self._routes[node_id] = route
         return route
 
     def forget_route(self, node_id: str) -> None:
@@ -180,7 +200,7 @@ class SessionService:
         """Poll the runtime until the node is healthy (health_check on) or running (off)."""
         wait = self.settings.node.creation_wait_seconds
         deadline = time.monotonic() + wait
-        delay = 0.02
+        delay = 0.01
         while True:
             info = await self.runtime.inspect(state)
             if info.status in STOPPED_STATUSES:
@@ -196,7 +216,7 @@ class SessionService:
                     f"health {info.health})"
                 )
             await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.25)
+            delay = min(delay * 1.5, READY_POLL_MAX)
 
     async def _discard(self, node: ToolServerNode, state: dict[str, Any]) -> None:
         try:

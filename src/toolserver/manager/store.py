@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,7 +16,7 @@ from typing import Any
 from sqlalchemy import delete, event, func, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from toolserver.manager.models import STOPPED_STATUSES, NodeChecker, ToolServerNode, utcnow
 
@@ -61,6 +64,14 @@ class Store:
         if self.url.get_backend_name() == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.session = async_sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite takes one writer at a time: queue writers here rather than in its busy-wait backoff
+        self._write_lock = asyncio.Lock() if self.url.get_backend_name() == "sqlite" else None
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncSession]:
+        """A write transaction (serialised within this process on SQLite)."""
+        async with self._write_lock or contextlib.nullcontext(), self.session.begin() as s:
+            yield s
 
     async def migrate(self) -> None:
         """Apply Alembic migrations up to head."""
@@ -73,7 +84,7 @@ class Store:
     # ---- nodes --------------------------------------------------------------------------------------
 
     async def add_node(self, node: ToolServerNode) -> None:
-        async with self.session.begin() as s:
+        async with self._write() as s:
             s.add(node)
 
     async def get_node(self, node_id: str) -> ToolServerNode | None:
@@ -126,7 +137,7 @@ class Store:
             .values(pooled=False, last_req_time=utcnow())
             .returning(ToolServerNode)
         )
-        async with self.session.begin() as s:
+        async with self._write() as s:
             return (await s.scalars(claim)).one_or_none()
 
     async def update_node(self, node_id: str, **fields: Any) -> None:
@@ -139,7 +150,7 @@ class Store:
         groups: dict[frozenset[str], list[dict[str, Any]]] = {}
         for node_id, fields in changes.items():
             groups.setdefault(frozenset(fields), []).append({"id": node_id, **fields})
-        async with self.session.begin() as s:
+        async with self._write() as s:
             for rows in groups.values():
                 await s.execute(update(ToolServerNode), rows)  # ORM bulk UPDATE by primary key
 
@@ -150,7 +161,7 @@ class Store:
     async def delete_nodes(self, node_ids: Iterable[str]) -> None:
         ids = list(node_ids)
         if ids:
-            async with self.session.begin() as s:
+            async with self._write() as s:
                 await s.execute(delete(ToolServerNode).where(ToolServerNode.id.in_(ids)))
 
     # ---- checkers -----------------------------------------------------------------------------------
@@ -175,14 +186,14 @@ class Store:
             if (r.host == host and not pid_alive(r.pid)) or (r.host != host and r.heartbeat_at < limit)
         ]
         if stale:
-            async with self.session.begin() as s:
+            async with self._write() as s:
                 await s.execute(delete(NodeChecker).where(NodeChecker.manager_id.in_(stale)))
         return stale
 
     async def register_checker(self, manager_id: str, pid: int, interval: float) -> bool:
         """Insert this process's checker record; False when a live one holds ``manager_id``."""
         try:
-            async with self.session.begin() as s:
+            async with self._write() as s:
                 s.add(
                     NodeChecker(
                         manager_id=manager_id,
@@ -198,7 +209,7 @@ class Store:
 
     async def heartbeat_checker(self, manager_id: str, pid: int) -> bool:
         """Refresh the heartbeat; False when the record is gone (the loop must end)."""
-        async with self.session.begin() as s:
+        async with self._write() as s:
             res = await s.execute(
                 update(NodeChecker)
                 .where(NodeChecker.manager_id == manager_id, NodeChecker.pid == pid)
@@ -207,7 +218,7 @@ class Store:
             return bool(res.rowcount)
 
     async def delete_checker(self, manager_id: str, pid: int | None = None) -> None:
-        async with self.session.begin() as s:
+        async with self._write() as s:
             q = delete(NodeChecker).where(NodeChecker.manager_id == manager_id)
             if pid is not None:
                 q = q.where(NodeChecker.pid == pid)
