@@ -11,11 +11,11 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from toolserver import __version__
+from toolserver.config import describe_validation_error, read_yaml_mapping
 from toolserver.errors import ConfigError
 from toolserver.protocol import DEFAULT_REDIRECT_GET, DEFAULT_REDIRECT_POST
 
@@ -110,35 +110,14 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(root)"
-        if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{key}'")
-        else:
-            parts.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
-    return "; ".join(parts)
-
-
 def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
     """Read ``path`` (YAML), apply environment and ``overrides``; raise ConfigError naming the bad key."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at its top level")
-        data = loaded
+    data = read_yaml_mapping(path) if path is not None else {}
     data = _deep_merge(data, overrides)
     try:
         settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc)) from None
+        raise ConfigError(describe_validation_error(exc)) from None
     # explicit overrides win over the environment too
     for key, value in overrides.items():
         if not isinstance(value, dict):

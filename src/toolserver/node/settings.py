@@ -9,10 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from toolserver.config import describe_validation_error, read_yaml_mapping
 from toolserver.errors import ConfigError
 
 DEFAULT_IGNORE = [".git", "__pycache__", "*.pyc", ".ipynb_checkpoints", "node_modules", ".venv", ".DS_Store"]
@@ -87,34 +87,13 @@ class NodeConfig(BaseSettings):
         return ws.with_name(ws.name + ".state")
 
 
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(root)"
-        if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{key}'")
-        else:
-            parts.append(f"'{key}': {err['msg']}")
-    return "; ".join(parts)
-
-
 def load_node_config(path: str | Path | None = None, **overrides: Any) -> NodeConfig:
     """Read the YAML file ``path`` (optional), apply the environment, then ``overrides``."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read node config file {path}: {exc}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"node config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"node config file {path} must hold a mapping at its top level")
-        data = loaded
+    data = read_yaml_mapping(path, "node config file") if path is not None else {}
     try:
         config = NodeConfig(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(describe_validation_error(exc)) from None
     unknown = set(overrides) - set(NodeConfig.model_fields)
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)}")

@@ -1,0 +1,36 @@
+"""Helpers shared by the manager's and the node's configuration: YAML files and error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from toolserver.errors import ConfigError
+
+
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """The mapping at the top of a YAML file; ConfigError when unreadable, invalid or not a mapping."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping at its top level")
+    return loaded
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming every bad key (dotted) and what is wrong with it; values are not echoed."""
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{key}'")
+        else:
+            parts.append(f"'{key}': {err['msg']}")
+    return "; ".join(parts)
