@@ -16,12 +16,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 
-from bench import checker_cost, machine, memory, plot, proxy, report, session_ready, streaming
+from bench import (
+    checker_cost,
+    checker_docker,
+    machine,
+    memory,
+    plot,
+    proxy,
+    report,
+    session_ready,
+    streaming,
+)
 from bench.common import DOCS_DIR, RESULTS_DIR, Context, Outcome
 from bench.procs import cleanup_all, install_signal_handlers
 
 BENCHMARKS: dict[str, ModuleType] = {
-    m.NAME: m for m in (session_ready, proxy, streaming, checker_cost, memory)
+    m.NAME: m for m in (session_ready, proxy, streaming, checker_cost, checker_docker, memory)
 }
 
 

@@ -1,0 +1,112 @@
+"""Benchmark 4b: the checker's tick with real Docker nodes (50 containers of the node image).
+
+No double here: ``DockerRuntime`` starts N real containers, their records go into a real SQLite
+store, and ``NodeChecker.tick()`` is timed as the manager runs it (one labelled list call to the
+Engine per tick, the records read and mirrored). The reference is the Engine's list call alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import Any
+
+from bench import dockerenv
+from bench.common import Context, Figure, Outcome, summary
+from toolserver.manager.checker import NodeChecker
+from toolserver.manager.models import ToolServerNode, utcnow
+from toolserver.manager.settings import load_settings
+from toolserver.manager.store import open_store
+from toolserver.runtimes.base import NodeSpec
+from toolserver.runtimes.docker import DockerRuntime
+
+NAME = "checker_docker"
+TITLE = "Checker cost, real Docker nodes"
+START_CONCURRENCY = 4
+
+
+async def _measure(ctx: Context, n: int, ticks: int) -> dict[str, Any]:
+    root = ctx.workdir / "checker-docker"
+    root.mkdir(parents=True, exist_ok=True)
+    settings = load_settings(
+        None,
+        data_dir=str(root / "data"),
+        database_url=f"sqlite+aiosqlite:///{root / 'data' / 'toolserver.db'}",
+        manager_id=f"bench-checker-docker-{secrets.token_hex(3)}",
+    )
+    store = await open_store(settings.database_url)
+    runtime = DockerRuntime(settings)
+    states: list[dict[str, Any]] = []
+    sem = asyncio.Semaphore(START_CONCURRENCY)
+
+    async def start_one() -> None:
+        short_id, now = secrets.token_hex(6), utcnow()
+        async with sem:
+            info = await runtime.create(NodeSpec(short_id, settings.manager_id, secrets.token_urlsafe(32)))
+            states.append(info.state)
+            info = await runtime.start(info.state)
+        await store.add_node(
+            ToolServerNode(
+                id=secrets.token_urlsafe(32),
+                short_id=short_id,
+                manager_id=settings.manager_id,
+                status=info.status,
+                health=info.health,
+                ip=info.host,
+                port=info.port,
+                runtime="docker",
+                runtime_state=info.state,
+                secret="-",
+                last_req_time=now,
+                created_at=now,
+                status_changed_at=now,
+            )
+        )
+
+    try:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(start_one() for _ in range(n)))
+        started_s = time.perf_counter() - t0
+        checker = NodeChecker(settings, store, runtime)
+        for _ in range(3):
+            await checker.tick()
+        tick_ms, list_ms = [], []
+        for _ in range(ticks):
+            report = await checker.tick()
+            if report.nodes != n or report.deleted or report.orphans:
+                raise RuntimeError(f"unexpected tick: {report}")
+            tick_ms.append(report.seconds * 1000)
+            t1 = time.perf_counter()
+            await runtime.list(settings.manager_id)
+            list_ms.append((time.perf_counter() - t1) * 1000)
+        return {"n": n, "start_all_s": started_s, "tick_ms": summary(tick_ms), "list_ms": summary(list_ms)}
+    finally:
+        await asyncio.gather(*(runtime.remove(s) for s in states), return_exceptions=True)
+        await runtime.aclose()
+        await store.aclose()
+
+
+def run(ctx: Context) -> Outcome:
+    outcome = Outcome(NAME, TITLE, method=__doc__ or "")
+    reason = dockerenv.unavailable_reason()
+    if reason:
+        outcome.notes.append(f"skipped: {reason}")
+        return outcome
+    n = ctx.pick(50, 10)
+    result = asyncio.run(_measure(ctx, n, ctx.pick(20, 5)))
+    outcome.raw = result
+    outcome.add(
+        Figure(
+            NAME,
+            f"tick p50, {n} running containers",
+            result["tick_ms"]["p50"],
+            "ms",
+            f"Engine list call alone {result['list_ms']['p50']:.1f} ms",
+            note=f"p99 {result['tick_ms']['p99']:.1f} ms",
+        )
+    )
+    outcome.notes.append(
+        f"{n} containers started in {result['start_all_s']:.1f} s, {START_CONCURRENCY} at a time."
+    )
+    return outcome
