@@ -12,6 +12,7 @@ registration disabled, 404 unknown tool (or file), 413 body too large, 422 inval
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import logging
 import mimetypes
@@ -273,6 +274,7 @@ def create_app(config: NodeConfig) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        gc.freeze()  # imports and the registry live as long as the node: no full GC passes over them
         log.info("node ready: %d tools, workspace %s", len(registry.tools), ctx.workspace)
         try:
             yield
