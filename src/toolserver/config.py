@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 from pydantic import ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from toolserver.errors import ConfigError
 
@@ -34,3 +35,18 @@ def describe_validation_error(exc: ValidationError) -> str:
         else:
             parts.append(f"'{key}': {err['msg']}")
     return "; ".join(parts)
+
+
+class EnvOverYamlSettings(BaseSettings):
+    """Settings read from the environment first, then from YAML data passed in as arguments."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from toolserver import __version__
-from toolserver.config import describe_validation_error, read_yaml_mapping
+from toolserver.config import EnvOverYamlSettings, describe_validation_error, read_yaml_mapping
 from toolserver.errors import ConfigError
 from toolserver.protocol import DEFAULT_REDIRECT_GET, DEFAULT_REDIRECT_POST
 
@@ -64,7 +64,7 @@ class RedirectPaths(_Strict):
     get: list[str] = Field(default_factory=lambda: list(DEFAULT_REDIRECT_GET))
 
 
-class Settings(BaseSettings):
+class Settings(EnvOverYamlSettings):
     model_config = SettingsConfigDict(
         env_prefix="TOOLSERVER_", env_nested_delimiter="__", extra="forbid", validate_assignment=True
     )
@@ -86,18 +86,6 @@ class Settings(BaseSettings):
         if not self.manager_id:
             object.__setattr__(self, "manager_id", f"{socket.gethostname()}-{self.port}")
         return self
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # explicit arguments > environment > YAML (passed as init data by load_settings)
-        return (env_settings, init_settings)
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -10,15 +10,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from toolserver.config import describe_validation_error, read_yaml_mapping
+from toolserver.config import EnvOverYamlSettings, describe_validation_error, read_yaml_mapping
 from toolserver.errors import ConfigError
 
 DEFAULT_IGNORE = [".git", "__pycache__", "*.pyc", ".ipynb_checkpoints", "node_modules", ".venv", ".DS_Store"]
 
 
-class NodeConfig(BaseSettings):
+class NodeConfig(EnvOverYamlSettings):
     """Everything a node can be told. Each field is also ``TOOLSERVER_NODE_<NAME>`` in the environment."""
 
     model_config = SettingsConfigDict(env_prefix="TOOLSERVER_NODE_", extra="forbid", validate_default=False)
@@ -64,18 +64,6 @@ class NodeConfig(BaseSettings):
     upload_max_bytes: int = Field(1 << 30, ge=1, description="largest upload accepted (413 above)")
     request_max_bytes: int = Field(32 << 20, ge=1024, description="largest JSON request body")
     workspace_tree_max_entries: int = Field(10_000, ge=1, description="cap of /get_workspace_structure")
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # environment > YAML (handed over as init data by load_node_config)
-        return (env_settings, init_settings)
 
     @property
     def resolved_state_dir(self) -> Path:
