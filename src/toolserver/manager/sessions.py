@@ -36,6 +36,13 @@ MAX_TOKEN_LENGTH = 128
 ROUTE_CACHE_PRUNE_AT = 1024
 
 
+def _checked_token(node_id: str | None) -> str:
+    """The cookie as given, or InvalidSession when it is missing or longer than any token."""
+    if not node_id or len(node_id) > MAX_TOKEN_LENGTH:
+        raise InvalidSession(f"invalid node_id: {(node_id or 'None')[:MAX_TOKEN_LENGTH]}")
+    return node_id
+
+
 def new_token() -> str:
     """The session cookie: 256 random bits, URL-safe."""
     return secrets.token_urlsafe(32)
@@ -90,8 +97,7 @@ class SessionService:
 
         Routes are cached for ROUTE_TTL seconds; concurrent misses for one node share one read.
         """
-        if not node_id or len(node_id) > MAX_TOKEN_LENGTH:
-            raise InvalidSession(f"invalid node_id: {(node_id or 'None')[:MAX_TOKEN_LENGTH]}")
+        node_id = _checked_token(node_id)
         route = self._routes.get(node_id)
         if route is not None and route.expires >= time.monotonic():
             return route
@@ -131,15 +137,19 @@ class SessionService:
             self.busy.discard(node_id)
             self.forget_route(node_id)
 
+    async def _check_capacity(self) -> None:
+        """CapacityExceeded when node.max_nodes nodes are live; call it holding ``self._capacity``."""
+        live = await self.store.count_live_nodes(self.manager_id)
+        if live >= self.settings.node.max_nodes:
+            raise CapacityExceeded(
+                f"this manager already runs {live} nodes "
+                f"(node.max_nodes = {self.settings.node.max_nodes}); release a session or retry later"
+            )
+
     async def _reserve(self, pooled: bool = False) -> ToolServerNode:
         """Insert a new record unless the manager is at node.max_nodes (atomic within this process)."""
         async with self._capacity:
-            live = await self.store.count_live_nodes(self.manager_id)
-            if live >= self.settings.node.max_nodes:
-                raise CapacityExceeded(
-                    f"this manager already runs {live} nodes "
-                    f"(node.max_nodes = {self.settings.node.max_nodes}); release a session or retry later"
-                )
+            await self._check_capacity()
             now = utcnow()
             node = ToolServerNode(
                 id=new_token(),
@@ -231,8 +241,7 @@ class SessionService:
         self.activity.forget(node.id)
 
     async def _node(self, node_id: str | None) -> ToolServerNode:
-        if not node_id or len(node_id) > MAX_TOKEN_LENGTH:
-            raise InvalidSession(f"invalid node_id: {(node_id or 'None')[:MAX_TOKEN_LENGTH]}")
+        node_id = _checked_token(node_id)
         node = await self.store.get_node(node_id)
         if node is None:
             raise InvalidSession(f"invalid node_id: {node_id}")
@@ -244,9 +253,7 @@ class SessionService:
         async with self._busy(node.id):
             if node.status in STOPPED_STATUSES:
                 async with self._capacity:
-                    live = await self.store.count_live_nodes(self.manager_id)
-                    if live >= self.settings.node.max_nodes:
-                        raise CapacityExceeded(f"node.max_nodes ({self.settings.node.max_nodes}) reached")
+                    await self._check_capacity()
                     await self.store.update_node(node.id, status="restarting", status_changed_at=utcnow())
             try:
                 info = await self.runtime.restart(node.runtime_state, self.settings.node.stop_grace_seconds)
