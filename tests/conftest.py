@@ -20,6 +20,9 @@ def manager_factory(tmp_path: Path) -> Iterator[Callable[..., ManagerProcess]]:
         return manager.start() if start else manager
 
     yield make
+    # stop every manager before looking for leftovers: managers may share a data directory
+    for manager in reversed(made):
+        manager.stop()
     leaks = [(m.root, p.pid) for m in made for p in m.cleanup()]
     assert not leaks, f"processes left running after the test: {leaks}"
 

@@ -28,6 +28,11 @@ def _build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--workspace", type=Path, default=Path("workspace"), help="the only directory it writes"
     )
+    node.add_argument(
+        "--fd",
+        type=int,
+        help="serve on this inherited, already bound socket instead of binding --host/--port",
+    )
     node.add_argument("--config", type=Path, help="YAML node config file")
     node.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
 
@@ -44,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(
             host=args.host,
             port=args.port,
+            fd=args.fd,
             workspace=args.workspace,
             config=args.config,
             log_level=args.log_level,

@@ -25,7 +25,7 @@ class NeverHealthyRuntime(ProcessRuntime):
 class CrashingRuntime(ProcessRuntime):
     """Starts a node process that exits at once."""
 
-    def command(self, port: int, node_dir: Path) -> list[str]:
+    def command(self, fd: int, node_dir: Path) -> list[str]:
         return [sys.executable, "-c", "import sys; sys.exit(3)"]
 
 

@@ -25,9 +25,12 @@ from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.models import STATUS_CREATED, STOPPED_STATUSES, ToolServerNode, utcnow
 from toolserver.manager.settings import Settings
 from toolserver.manager.store import Store
-from toolserver.runtimes.base import RUNNING, NodeInfo, Runtime
+from toolserver.runtimes.base import CREATED, RUNNING, NodeInfo, Runtime
 
 log = logging.getLogger(__name__)
+
+#: Record statuses of a node between its insert and its first start (the seed's default, the runtime's word).
+NOT_STARTED = frozenset({STATUS_CREATED, CREATED})
 
 
 @dataclass
@@ -113,7 +116,9 @@ class NodeChecker:
     ) -> None:
         cfg = self.settings.node
         if info is None:
-            starting = node.status == STATUS_CREATED and now - node.created_at < timedelta(
+            # A node another manager process is creating right now may be missing from the list
+            # taken a moment ago while its record already exists: leave young, never-started nodes be.
+            starting = node.status in NOT_STARTED and now - node.created_at < timedelta(
                 seconds=cfg.creation_wait_seconds
             )
             if not starting:
@@ -161,7 +166,7 @@ class NodeChecker:
                         detail="stopped: idle",
                     )
                     report.stopped.append(node.id)
-                else:
+                elif kind == "release":
                     log.info(
                         "checker: releasing node %s, stopped since %s", node.short_id, node.status_changed_at
                     )
@@ -169,6 +174,9 @@ class NodeChecker:
                         await self.runtime.remove(node.runtime_state)
                     await self.store.delete_nodes([node.id])
                     report.released.append(node.id)
+                else:  # "cleanup": the record is already deleted; remove what the node left behind
+                    with contextlib.suppress(NodeNotFound):
+                        await self.runtime.remove(node.runtime_state)
             except Exception:
                 report.errors += 1
                 log.exception("checker: could not %s node %s", kind, node.short_id)

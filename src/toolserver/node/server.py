@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -16,11 +17,16 @@ GRACEFUL_SHUTDOWN_SECONDS = 1.5
 def serve(
     host: str = "127.0.0.1",
     port: int = 31942,
+    *,
+    fd: int | None = None,
     workspace: str | Path = "workspace",
     config: str | Path | None = None,
     log_level: str = "warning",
 ) -> None:
     """Serve the node on ``host:port`` with ``workspace`` as the only directory tools write to.
+
+    With ``fd`` it serves on that inherited socket instead (bound by the parent, which so knows the
+    port without a race for a free one).
 
     On SIGTERM uvicorn stops accepting requests, cancels those still running after a short grace,
     and the app's shutdown kills kernels and background shells; the process then exits with 0.
@@ -55,7 +61,8 @@ def serve(
             server_header=False,
         )
     )
-    server.run()
+    sockets = [socket.socket(fileno=fd)] if fd is not None else None
+    server.run(sockets=sockets)
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

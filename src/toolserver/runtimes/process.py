@@ -49,10 +49,19 @@ MARK_FILE = "node.json"
 HEALTH_TIMEOUT = 1.0
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+def bound_socket(host: str = "127.0.0.1") -> socket.socket:
+    """A TCP socket bound to a free port of ``host``, for a node to inherit and serve on.
+
+    The port is the node's from this moment: nothing else can take it between picking and serving.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _process(pid: int | None, create_time: float | None) -> psutil.Process | None:
@@ -168,23 +177,29 @@ class ProcessRuntime(Runtime):
             "TOOLSERVER_NODE_STATE_DIR": str(node_dir / "state"),
             "PYTHONUNBUFFERED": "1",
         }
-        port = free_port(self.host)
-        argv = self.command(port, node_dir)
         logfile = await asyncio.to_thread(open, node_dir / "node.log", "ab")
         try:
+            sock = bound_socket(self.host)
+        except OSError as exc:
+            logfile.close()
+            raise RuntimeBackendError(f"cannot bind a port on {self.host}: {exc}") from exc
+        port = int(sock.getsockname()[1])
+        try:
             proc = await asyncio.create_subprocess_exec(
-                *argv,
+                *self.command(sock.fileno(), node_dir),
                 env=env,
                 cwd=str(node_dir),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=logfile,
                 stderr=logfile,
                 start_new_session=True,
+                pass_fds=(sock.fileno(),),
             )
         except OSError as exc:
             raise RuntimeBackendError(f"cannot start node process: {exc}") from exc
         finally:
             logfile.close()
+            sock.close()  # the node holds its own copy
         self._children[node_id] = proc
         self._healthy_once.discard(node_id)
         try:
@@ -239,9 +254,9 @@ class ProcessRuntime(Runtime):
 
     # ---- helpers ------------------------------------------------------------------------------------
 
-    def command(self, port: int, node_dir: Path) -> list[str]:
-        """The node's command line."""
-        argv = [sys.executable, "-m", "toolserver", "node", "--host", self.host, "--port", str(port)]
+    def command(self, fd: int, node_dir: Path) -> list[str]:
+        """The node's command line: it serves on the inherited socket ``fd``."""
+        argv = [sys.executable, "-m", "toolserver", "node", "--fd", str(fd)]
         argv += ["--workspace", str(node_dir / "workspace")]
         if self.node_config:
             argv += ["--config", str(self.node_config)]

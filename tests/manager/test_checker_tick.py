@@ -1,0 +1,66 @@
+"""One checker tick against a real SQLite store and the real process runtime.
+
+Several manager processes may share one database and one manager id (workers of one manager); only
+one of them runs the checker, and it cannot see what the others are doing. A record whose node is
+being created by another worker exists before the node shows up in the runtime's list.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import timedelta
+from pathlib import Path
+
+from toolserver.manager.checker import NodeChecker
+from toolserver.manager.models import STATUS_CREATED, ToolServerNode, utcnow
+from toolserver.manager.settings import load_settings
+from toolserver.manager.store import open_store
+from toolserver.runtimes.base import CREATED, RUNNING
+from toolserver.runtimes.process import ProcessRuntime
+
+
+def _record(manager_id: str, status: str, age_seconds: float) -> ToolServerNode:
+    created = utcnow() - timedelta(seconds=age_seconds)
+    return ToolServerNode(
+        id=secrets.token_urlsafe(32),
+        short_id=secrets.token_hex(6),
+        manager_id=manager_id,
+        status=status,
+        runtime="process",
+        runtime_state={},
+        secret=secrets.token_urlsafe(32),
+        last_req_time=created,
+        created_at=created,
+        status_changed_at=created,
+        pooled=False,
+    )
+
+
+async def test_tick_spares_nodes_another_worker_is_creating(tmp_path: Path) -> None:
+    settings = load_settings(
+        None,
+        data_dir=str(tmp_path / "data"),
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'toolserver.db'}",
+        manager_id="worker-test",
+        node={"creation_wait_seconds": 30},
+    )
+    store = await open_store(settings.database_url)
+    runtime = ProcessRuntime(settings)
+    try:
+        # just inserted (the seed's default status), and just created by the runtime: both young
+        inserted = _record(settings.manager_id, STATUS_CREATED, 0.5)
+        created = _record(settings.manager_id, CREATED, 0.5)
+        # never started within creation_wait_seconds, and a running node whose runtime object is gone
+        stuck = _record(settings.manager_id, CREATED, 60)
+        vanished = _record(settings.manager_id, RUNNING, 5)
+        for node in (inserted, created, stuck, vanished):
+            await store.add_node(node)
+
+        report = await NodeChecker(settings, store, runtime).tick()
+
+        assert sorted(report.deleted) == sorted([stuck.id, vanished.id])
+        left = {n.id for n in await store.list_nodes(settings.manager_id)}
+        assert left == {inserted.id, created.id}
+    finally:
+        await runtime.aclose()
+        await store.aclose()
