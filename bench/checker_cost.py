@@ -26,7 +26,7 @@ from bench import profiling
 from bench.common import Context, Figure, Outcome, at_most, summary
 from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.checker import NodeChecker
-from toolserver.manager.models import ToolServerNode, utcnow
+from toolserver.manager.models import ToolServerNode
 from toolserver.manager.settings import Settings, load_settings
 from toolserver.manager.store import Store, open_store
 from toolserver.runtimes.base import HEALTHY, RUNNING, NodeInfo, NodeSpec
@@ -83,22 +83,15 @@ class CountingRuntime(ProcessRuntime):
 
 
 def _record(manager_id: str, short_id: str, port: int, runtime_root: Path) -> ToolServerNode:
-    now = utcnow()
-    return ToolServerNode(
-        id=secrets.token_urlsafe(32),
+    return ToolServerNode.new(
+        manager_id,
+        "process",
         short_id=short_id,
-        manager_id=manager_id,
         status=RUNNING,
         health=HEALTHY,
         ip="127.0.0.1",
         port=port,
-        runtime="process",
         runtime_state={"dir": str(runtime_root / short_id), "pid": None, "port": port},
-        secret=secrets.token_urlsafe(32),
-        last_req_time=now,
-        created_at=now,
-        status_changed_at=now,
-        pooled=False,
     )
 
 

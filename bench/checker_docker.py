@@ -15,7 +15,7 @@ from typing import Any
 from bench import dockerenv
 from bench.common import Context, Figure, Outcome, summary
 from toolserver.manager.checker import NodeChecker
-from toolserver.manager.models import ToolServerNode, utcnow
+from toolserver.manager.models import ToolServerNode
 from toolserver.manager.settings import load_settings
 from toolserver.manager.store import open_store
 from toolserver.runtimes.base import NodeSpec
@@ -41,28 +41,14 @@ async def _measure(ctx: Context, n: int, ticks: int) -> dict[str, Any]:
     sem = asyncio.Semaphore(START_CONCURRENCY)
 
     async def start_one() -> None:
-        short_id, now = secrets.token_hex(6), utcnow()
+        record = ToolServerNode.new(settings.manager_id, "docker")
         async with sem:
-            info = await runtime.create(NodeSpec(short_id, settings.manager_id, secrets.token_urlsafe(32)))
+            info = await runtime.create(NodeSpec(record.short_id, settings.manager_id, record.secret))
             states.append(info.state)
             info = await runtime.start(info.state)
-        await store.add_node(
-            ToolServerNode(
-                id=secrets.token_urlsafe(32),
-                short_id=short_id,
-                manager_id=settings.manager_id,
-                status=info.status,
-                health=info.health,
-                ip=info.host,
-                port=info.port,
-                runtime="docker",
-                runtime_state=info.state,
-                secret="-",
-                last_req_time=now,
-                created_at=now,
-                status_changed_at=now,
-            )
-        )
+        record.status, record.health, record.ip, record.port = info.status, info.health, info.host, info.port
+        record.runtime_state = info.state
+        await store.add_node(record)
 
     try:
         t0 = time.perf_counter()

@@ -7,7 +7,6 @@ being created by another worker exists before the node shows up in the runtime's
 
 from __future__ import annotations
 
-import secrets
 from datetime import timedelta
 from pathlib import Path
 
@@ -20,20 +19,8 @@ from toolserver.runtimes.process import ProcessRuntime
 
 
 def _record(manager_id: str, status: str, age_seconds: float) -> ToolServerNode:
-    created = utcnow() - timedelta(seconds=age_seconds)
-    return ToolServerNode(
-        id=secrets.token_urlsafe(32),
-        short_id=secrets.token_hex(6),
-        manager_id=manager_id,
-        status=status,
-        runtime="process",
-        runtime_state={},
-        secret=secrets.token_urlsafe(32),
-        last_req_time=created,
-        created_at=created,
-        status_changed_at=created,
-        pooled=False,
-    )
+    at = utcnow() - timedelta(seconds=age_seconds)
+    return ToolServerNode.new(manager_id, "process", at=at, status=status)
 
 
 async def test_tick_spares_nodes_another_worker_is_creating(tmp_path: Path) -> None:

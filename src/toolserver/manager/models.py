@@ -5,6 +5,7 @@ Times are naive UTC (portable between SQLite and PostgreSQL).
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,6 +20,11 @@ STOPPED_STATUSES = frozenset({"exited", "dead"})
 
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def new_token() -> str:
+    """A session cookie or node secret: 256 random bits, URL-safe."""
+    return secrets.token_urlsafe(32)
 
 
 class Base(DeclarativeBase):
@@ -47,6 +53,28 @@ class ToolServerNode(Base):
     detail: Mapped[str | None] = mapped_column(Text, nullable=True, default=None)
     #: A warm-pool node: started and healthy, not yet handed to a session.
     pooled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false(), index=True)
+
+    @classmethod
+    def new(
+        cls, manager_id: str, runtime: str, *, at: datetime | None = None, **fields: Any
+    ) -> ToolServerNode:
+        """A record for a node about to be created: fresh cookie, short id and secret; times ``at``."""
+        now = at or utcnow()
+        values: dict[str, Any] = {
+            "id": new_token(),
+            "short_id": secrets.token_hex(6),
+            "manager_id": manager_id,
+            "status": STATUS_CREATED,
+            "health": "Unknown",
+            "runtime": runtime,
+            "runtime_state": {},
+            "secret": new_token(),
+            "last_req_time": now,
+            "created_at": now,
+            "status_changed_at": now,
+            "pooled": False,
+        }
+        return cls(**(values | fields))
 
     def __repr__(self) -> str:  # never print the token
         return f"<ToolServerNode {self.short_id} {self.status}/{self.health} {self.ip}:{self.port}>"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -41,11 +40,6 @@ def _checked_token(node_id: str | None) -> str:
     if not node_id or len(node_id) > MAX_TOKEN_LENGTH:
         raise InvalidSession(f"invalid node_id: {(node_id or 'None')[:MAX_TOKEN_LENGTH]}")
     return node_id
-
-
-def new_token() -> str:
-    """The session cookie: 256 random bits, URL-safe."""
-    return secrets.token_urlsafe(32)
 
 
 @dataclass(frozen=True)
@@ -150,19 +144,7 @@ class SessionService:
         """Insert a new record unless the manager is at node.max_nodes (atomic within this process)."""
         async with self._capacity:
             await self._check_capacity()
-            now = utcnow()
-            node = ToolServerNode(
-                id=new_token(),
-                short_id=secrets.token_hex(6),
-                manager_id=self.manager_id,
-                runtime=self.runtime.name,
-                runtime_state={},
-                secret=secrets.token_urlsafe(32),
-                last_req_time=now,
-                created_at=now,
-                status_changed_at=now,
-                pooled=pooled,
-            )
+            node = ToolServerNode.new(self.manager_id, self.runtime.name, pooled=pooled)
             await self.store.add_node(node)
             return node
 
