@@ -1,16 +1,15 @@
-"""Shared pieces: the run context, figures with targets, percentiles, ports and HTTP waits."""
+"""Shared pieces: the run context, figures with targets and percentiles.
+
+Ports, HTTP waits and the manager process come from :mod:`toolserver.testing`.
+"""
 
 from __future__ import annotations
 
 import math
-import socket
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -126,28 +125,3 @@ def at_most(value: float | None, limit: float) -> bool | None:
 
 def at_least(value: float | None, limit: float) -> bool | None:
     return None if value is None or math.isnan(value) else value >= limit
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
-    try:
-        return httpx.get(url, headers=headers, timeout=1.0, trust_env=False).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
-    """Poll ``predicate`` until it returns something true; raise TimeoutError naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)

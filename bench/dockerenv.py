@@ -8,8 +8,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from bench.common import http_ok
 from bench.procs import LABEL_MANAGER
+from toolserver.testing import http_ok
 
 IMAGE = "toolserver-node:latest"
 NODE_PORT = 31942

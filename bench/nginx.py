@@ -13,8 +13,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.common import REPO, free_port, http_ok
+from bench.common import REPO
 from bench.procs import end, register_root, spawn
+from toolserver.testing import free_port, http_ok
 
 INSTALL_SCRIPT = REPO / "bench" / "install_nginx.sh"
 

@@ -21,15 +21,13 @@ from typing import Any
 
 import httpx
 import psutil
-import yaml
 
-from bench.common import free_port, http_ok
+from toolserver.runtimes.base import LABEL_MANAGER
+from toolserver.testing import ManagerProcess, free_port, processes_under
 
 _procs: list[subprocess.Popen[bytes]] = []
 _roots: list[Path] = []
 _docker_managers: list[str] = []
-
-LABEL_MANAGER = "toolserver.manager_id"  # toolserver.runtimes.base.LABEL_MANAGER
 
 
 def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> Any:
@@ -59,20 +57,6 @@ def end(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float
 
 def register_root(root: Path) -> None:
     _roots.append(root.resolve())
-
-
-def processes_under(root: Path) -> list[psutil.Process]:
-    """Live processes whose command line or working directory lies under ``root``."""
-    needle = str(root)
-    found = []
-    for proc in psutil.process_iter(["cmdline", "cwd", "status"]):
-        with contextlib.suppress(psutil.Error):
-            if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
-                continue
-            cwd = proc.info["cwd"] or ""
-            if cwd.startswith(needle) or any(needle in part for part in proc.info["cmdline"] or []):
-                found.append(proc)
-    return found
 
 
 def _docker_cleanup(manager_id: str) -> None:
@@ -117,96 +101,44 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-class Manager:
-    """A real ``toolserver manager`` subprocess with its own config, data dir and SQLite file."""
+class Manager(ManagerProcess):
+    """The harness's manager, registered for :func:`cleanup_all`; ``stop`` also ends its nodes
+    and, with the Docker runtime, its containers and volumes."""
 
-    def __init__(self, root: Path, log_level: str = "warning", **config: Any) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+    def __init__(self, root: Path, *, log_level: str = "warning", **config: Any) -> None:
         register_root(root)
-        self.port = free_port()
-        self.data_dir = root / "data"
-        self.db_path = self.data_dir / "toolserver.db"
-        self.manager_id = f"bench-{os.getpid()}-{self.port}"
-        self.config: dict[str, Any] = {
-            "port": self.port,
-            "data_dir": str(self.data_dir),
-            "database_url": f"sqlite+aiosqlite:///{self.db_path}",
-            "manager_id": self.manager_id,
-            **config,
-        }
-        self.config.setdefault("node", {}).setdefault("stop_grace_seconds", 2)
+        port = config.pop("port", None) or free_port()
+        config.setdefault("manager_id", f"bench-{os.getpid()}-{port}")
+        super().__init__(root, log_level=log_level, port=port, **config)
         if self.config.get("runtime") == "docker":
             _docker_managers.append(self.manager_id)
-        self.config_path = root / "manager.yml"
-        self.config_path.write_text(yaml.safe_dump(self.config))
-        self.log_path = root / "manager.log"
-        self.log_level = log_level
-        self.proc: subprocess.Popen[bytes] | None = None
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def _popen(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        return spawn(argv, self.log_path, env=env, cwd=self.root)
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout: float = 60.0) -> Manager:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TOOLSERVER_")}
-        argv = [sys.executable, "-m", "toolserver", "manager", "--config", str(self.config_path)]
-        self.proc = spawn([*argv, "--log-level", self.log_level], self.log_path, env=env, cwd=self.root)
-        deadline = time.monotonic() + timeout
-        while not http_ok(self.url + "/alive"):
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"manager exited with {self.proc.returncode}: {self.tail()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"manager did not answer /alive within {timeout:g} s: {self.tail()}")
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> bool:
+        clean = super().stop(sig, timeout)
         if self.proc is not None:
-            end(self.proc, timeout=60)
+            end(self.proc)  # already ended: only unregisters it
         for proc in processes_under(self.root):
             with contextlib.suppress(psutil.Error):
                 proc.kill()
         if self.config.get("runtime") == "docker":
             _docker_cleanup(self.manager_id)
-
-    def tail(self, lines: int = 20) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def query(self, sql: str, *args: Any) -> list[sqlite3.Row]:
-        con = sqlite3.connect(self.db_path, timeout=30)
-        con.row_factory = sqlite3.Row
-        try:
-            rows = list(con.execute(sql, args))
-            con.commit()
-            return rows
-        finally:
-            con.close()
+        return clean
 
     def node(self, node_id: str) -> sqlite3.Row:
-        rows = self.query("SELECT * FROM toolserver_nodes WHERE id = ?", node_id)
-        if not rows:
+        """The record of session ``node_id``; LookupError when there is none."""
+        record = super().node(node_id)
+        if record is None:
             raise LookupError(f"no record for session {node_id[:8]}…")
-        return rows[0]
+        return record
 
     def pooled_ready(self) -> set[str]:
         rows = self.query(
             "SELECT id FROM toolserver_nodes WHERE pooled AND status = 'running' AND health = 'healthy'"
         )
         return {r["id"] for r in rows}
-
-    def __enter__(self) -> Manager:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class Node:

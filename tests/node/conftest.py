@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,14 +25,9 @@ import requests
 import yaml
 
 from toolserver.protocol import SECRET_ENV, SECRET_HEADER
+from toolserver.testing import free_port
 
 SECRET = "test-node-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Node:

@@ -1,0 +1,232 @@
+"""Drive a real manager from tests and benchmarks (and from an extension author's own tests).
+
+:class:`ManagerProcess` runs ``python -m toolserver manager`` as a subprocess with its own config
+file, data directory and SQLite database under one root directory, and reads the database
+directly; the helpers around it pick free ports, poll for conditions and find leftover processes.
+
+    with ManagerProcess(tmp_path / "manager") as manager:
+        cookie = httpx.post(manager.url + "/get_cookie").cookies["node_id"]
+        assert manager.node(cookie)["status"] == "running"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import httpx
+import psutil
+import yaml
+
+__all__ = [
+    "ManagerProcess",
+    "free_port",
+    "http_ok",
+    "node_processes",
+    "processes_under",
+    "wait_until",
+]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
+) -> Any:
+    """Poll ``predicate`` until it returns something truthy and return that; AssertionError on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    """True when ``GET url`` answers 200 (proxy settings from the environment are ignored)."""
+    try:
+        return httpx.get(url, timeout=timeout, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def processes_under(path: Path) -> list[psutil.Process]:
+    """Live (non-zombie) processes other than this one whose command line mentions ``path``
+    or whose working directory lies under it."""
+    needles = {str(path), str(Path(path).resolve())}
+    found = []
+    for proc in psutil.process_iter(["cmdline", "cwd", "status"]):
+        with contextlib.suppress(psutil.Error):
+            if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
+                continue
+            cwd = proc.info["cwd"] or ""
+            in_dir = any(cwd == n or cwd.startswith(n + os.sep) for n in needles)
+            if in_dir or any(n in part for n in needles for part in proc.info["cmdline"] or []):
+                found.append(proc)
+    return found
+
+
+def node_processes(data_dir: Path) -> list[psutil.Process]:
+    """Node processes (``toolserver node``) whose workspace is under ``data_dir``."""
+    found = []
+    for proc in processes_under(data_dir):
+        with contextlib.suppress(psutil.Error):
+            if "node" in proc.cmdline():
+                found.append(proc)
+    return found
+
+
+class ManagerProcess:
+    """A real ``toolserver manager`` subprocess with its own config, data dir and SQLite file.
+
+    ``config`` holds manager settings as in ``manager.yml``; ``node`` settings are merged over
+    :attr:`node_defaults`. The file is written to ``root/manager.yml`` here; edit :attr:`config` and
+    rewrite :attr:`config_path` before :meth:`start` to change it afterwards.
+    """
+
+    node_defaults: ClassVar[dict[str, Any]] = {"stop_grace_seconds": 2}
+
+    def __init__(self, root: Path, *, log_level: str = "info", **config: Any) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port: int = config.pop("port", None) or free_port()
+        self.data_dir = root / "data"
+        self.db_path = self.data_dir / "toolserver.db"
+        self.log_level = log_level
+        self.config: dict[str, Any] = {
+            "port": self.port,
+            "data_dir": str(self.data_dir),
+            "database_url": f"sqlite+aiosqlite:///{self.db_path}",
+            "manager_id": f"test-{self.port}",
+            **config,
+            "node": {**self.node_defaults, **config.get("node", {})},
+        }
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def manager_id(self) -> str:
+        return str(self.config["manager_id"])
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise RuntimeError("manager not started")
+        return self.proc.pid
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "manager.yml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "manager.log"
+
+    def _popen(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Start the manager process; subclasses override this to track or wrap it."""
+        with self.log_path.open("ab") as log:
+            return subprocess.Popen(
+                argv, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
+
+    def start(self, timeout: float = 60.0) -> Self:
+        """Start the manager and wait for ``/alive``; AssertionError with the log tail if it fails."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TOOLSERVER_")}
+        argv = [sys.executable, "-m", "toolserver", "manager", "--config", str(self.config_path)]
+        self.proc = self._popen([*argv, "--log-level", self.log_level], env)
+        deadline = time.monotonic() + timeout
+        while not http_ok(self.url + "/alive"):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"manager exited with {self.proc.returncode}:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"manager did not answer /alive within {timeout:g} s:\n{self.tail()}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> bool:
+        """Signal the manager and wait; True when it shut down by itself in time (killed otherwise).
+
+        uvicorn re-raises the signal after a graceful shutdown, so a return code of ``-sig`` is clean.
+        """
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc is not None and self.proc.returncode in (0, -sig)
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout) in (0, -sig)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+            return False
+
+    def log(self) -> str:
+        """The manager's combined stdout and stderr so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines of :meth:`log`."""
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def query(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+        """Run ``sql`` on the manager's SQLite database and commit; returns the rows."""
+        con = sqlite3.connect(self.db_path, timeout=30)
+        con.row_factory = sqlite3.Row
+        try:
+            rows = list(con.execute(sql, args))
+            con.commit()
+            return rows
+        finally:
+            con.close()
+
+    def nodes(self) -> list[sqlite3.Row]:
+        """Every node record."""
+        return self.query("SELECT * FROM toolserver_nodes")
+
+    def node(self, node_id: str) -> sqlite3.Row | None:
+        """The record of node ``node_id`` (the session cookie), or None."""
+        rows = self.query("SELECT * FROM toolserver_nodes WHERE id = ?", node_id)
+        return rows[0] if rows else None
+
+    def node_dirs(self) -> list[Path]:
+        """The per-node directories of the process runtime."""
+        root = self.data_dir / "nodes"
+        return sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []
+
+    def node_processes(self) -> list[psutil.Process]:
+        """Node processes running under the data dir."""
+        return node_processes(self.data_dir)
+
+    def cleanup(self) -> list[psutil.Process]:
+        """Stop the manager, then kill anything left under :attr:`root`; returns what was left."""
+        self.stop()
+        leftovers = processes_under(self.root)
+        for proc in leftovers:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        return leftovers
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
