@@ -3,7 +3,8 @@
 #
 # Same build context as docker/node.Dockerfile (build/wheels: deps/ and app/, made by
 # scripts/build-node-image.sh); its first stage is the same as the node's, so Docker reuses it.
-# No network is used inside the build. For PostgreSQL add an asyncpg wheel to deps/.
+# No network is used inside the build. deps/ includes asyncpg, so a postgresql+asyncpg:// database_url
+# works as well as the default SQLite file in the volume.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS deps

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Make a Docker Engine answer on this machine: install Debian's docker.io when dockerd is
 # missing, start dockerd in the background when `docker info` fails, wait until it answers.
+# Compose (for docker-compose.yml and its test) comes along: Debian's docker-compose when neither
+# `docker compose` nor `docker-compose` is here; without it only the compose test is skipped.
 # Works as root without systemd (CI, containers, fresh VMs). Idempotent: a no-op when Docker
 # already answers.
 #
@@ -23,8 +25,20 @@ docker_answers() {
     docker version --format '{{.Server.Version}}' >/dev/null 2>&1
 }
 
+ensure_compose() {
+    if docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null 2>&1; then
+        return 0
+    fi
+    log "no compose: installing Debian's docker-compose (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    { $SUDO apt-get update -q && $SUDO apt-get install -y -q --no-install-recommends docker-compose; } \
+        >/tmp/toolserver-compose-install.log 2>&1 \
+        || log "could not install docker-compose (see /tmp/toolserver-compose-install.log); the compose test will skip"
+}
+
 if command -v docker >/dev/null 2>&1 && docker_answers; then
     log "Docker Engine $(docker version --format '{{.Server.Version}}') answers already"
+    ensure_compose
     exit 0
 fi
 
@@ -33,6 +47,7 @@ exec 9>/tmp/toolserver-ensure-docker.lock
 flock 9
 if docker_answers; then
     log "Docker Engine $(docker version --format '{{.Server.Version}}') answers already"
+    ensure_compose
     exit 0
 fi
 
@@ -75,3 +90,4 @@ fi
 # aiodocker both negotiate the API version; say which one is in use.
 log "Docker Engine $(docker version --format '{{.Server.Version}}') answers" \
     "(API $(docker version --format '{{.Server.APIVersion}}'), client $(docker version --format '{{.Client.Version}}'))"
+ensure_compose

@@ -25,4 +25,6 @@ def uvicorn_config(settings: Settings, log_level: str = "info") -> uvicorn.Confi
 
 def serve_manager(settings: Settings, log_level: str = "info") -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # alembic announces each of its plugins at INFO on every start; the migrations it runs stay visible
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     uvicorn.Server(uvicorn_config(settings, log_level)).run()
