@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import random
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import psutil
+import pytest
 
 from tests.support import ManagerProcess
 from toolserver.client import ToolServerClient
@@ -71,3 +74,34 @@ def test_200mb_upload_and_download_stream_through_the_manager(
         growth = rss.peak - baseline
         assert _sha256(back) == expected
         assert growth < 64 * 1024 * 1024, f"manager RSS grew by {growth / 2**20:.1f} MiB"
+
+
+@pytest.mark.parametrize(
+    ("size", "chunked"),
+    [(1, False), (60 * 1024, False), (70 * 1024, False), (5, True), (300 * 1024, True)],
+    ids=["tiny", "under-64k", "over-64k", "chunked-tiny", "chunked-300k"],
+)
+def test_every_body_framing_arrives_intact(manager: ManagerProcess, size: int, chunked: bool) -> None:
+    """Small bodies go out in one piece, large or chunked ones stream: the node gets the same bytes."""
+    data = random.Random(size).randbytes(size)
+    boundary = "toolserver-test-boundary"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="blob.bin"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    body = head + data + f"\r\n--{boundary}--\r\n".encode()
+    # a generator has no length: httpx sends it with Transfer-Encoding: chunked
+    content = (body[i : i + 4096] for i in range(0, len(body), 4096)) if chunked else body
+    with ToolServerClient(manager.url) as client, client.session() as session:
+        cookie = {"Cookie": f"node_id={session.node_id}"}
+        with httpx.Client(base_url=manager.url, headers=cookie, trust_env=False, timeout=60) as http:
+            up = http.post(
+                "/upload_file",
+                content=content,
+                headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+            )
+            assert up.status_code == 200, up.text
+            assert up.json()["size"] == size
+            down = http.post("/download_file", json={"file_path": "blob.bin"})
+            assert down.status_code == 200
+            assert down.content == data

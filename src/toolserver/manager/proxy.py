@@ -100,11 +100,12 @@ class NodeProxy:
     async def forward(self, scope: Scope, receive: Any, send: Any) -> None:
         headers: CIMultiDict[str] = CIMultiDict()
         node_id = None
-        has_body = False
+        chunked = False
+        length = 0
         for raw_name, raw_value in scope["headers"]:
             name = raw_name.lower()
             if name in HOP_BY_HOP:
-                has_body = has_body or name == b"transfer-encoding"
+                chunked = chunked or name == b"transfer-encoding"
                 continue
             value = raw_value.decode("latin-1")
             if name == b"cookie":
@@ -112,7 +113,7 @@ class NodeProxy:
                 if not value:
                     continue
             elif name == b"content-length":
-                has_body = value != "0"
+                length = int(value) if value.isdigit() else 0
             headers.add(raw_name.decode("latin-1"), value)
         try:
             route = await self.sessions.route(node_id)
@@ -130,12 +131,12 @@ class NodeProxy:
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
         try:
+            if chunked or length > SMALL_BODY:
+                data: Any = _body(receive)  # streamed, never held in memory
+            else:  # a small body goes out in one write with the request head
+                data = await _read_all(receive) if length else None
             resp = await self.client.request(
-                scope["method"],
-                url,
-                headers=headers,
-                data=_body(receive) if has_body else None,
-                allow_redirects=False,
+                scope["method"], url, headers=headers, data=data, allow_redirects=False
             )
         except ConnectionResetError:  # the client went away during its upload
             return None
@@ -149,6 +150,12 @@ class NodeProxy:
             return await send_json(send, 503, {"detail": "node is not responding"})
         try:
             out = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in HOP_BY_HOP]
+            size = resp.content_length
+            if size is not None and size <= SMALL_BODY:  # small answers: one body message
+                body = await resp.read()
+                await send({"type": "http.response.start", "status": resp.status, "headers": out})
+                await send({"type": "http.response.body", "body": body})
+                return None
             await send({"type": "http.response.start", "status": resp.status, "headers": out})
             async for chunk in resp.content.iter_chunked(CHUNK):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
