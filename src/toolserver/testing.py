@@ -142,6 +142,17 @@ class ManagerProcess:
     def log_path(self) -> Path:
         return self.root / "manager.log"
 
+    def share_with(self, other: ManagerProcess) -> Self:
+        """Make this manager, not yet started, another worker of ``other``: the same database, data
+        directory and manager id (several processes serving one manager)."""
+        if self.proc is not None:
+            raise RuntimeError("share_with() must come before start()")
+        self.data_dir, self.db_path = other.data_dir, other.db_path
+        for key in ("database_url", "data_dir", "manager_id"):
+            self.config[key] = other.config[key]
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        return self
+
     def _popen(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         """Start the manager process; subclasses override this to track or wrap it."""
         with self.log_path.open("ab") as log:

@@ -125,3 +125,26 @@ def test_checker_loop_ends_when_its_record_is_deleted(manager_factory: Callable[
         checker.kill()
         checker.wait()
     assert requests.get(manager.url + "/alive").status_code == 200
+
+
+def test_a_standby_worker_takes_over_when_the_checking_one_dies(
+    manager_factory: Callable[..., ManagerProcess],
+) -> None:
+    first = manager_factory(node={"health_check_interval": 0.2})
+    second = manager_factory(start=False, node={"health_check_interval": 0.2})
+    second.share_with(first).start()  # one manager id: the second worker stands by
+    assert [r["pid"] for r in first.query("SELECT pid FROM node_checkers")] == [first.pid]
+    with ToolServerClient(second.url) as client, client.session() as session:
+        first.proc.kill()  # no shutdown: its NodeChecker record stays behind
+        first.proc.wait()
+        wait_until(
+            lambda: [r["pid"] for r in second.query("SELECT pid FROM node_checkers")] == [second.pid],
+            timeout=10,
+            what="the standby worker registering",
+        )
+        # and it does the checker's work: a killed node is seen
+        [proc] = second.node_processes()
+        proc.send_signal(signal.SIGKILL)
+        wait_until(lambda: second.node(session.node_id)["status"] == "exited", timeout=5, what="exited")
+    second.stop()
+    assert second.query("SELECT pid FROM node_checkers") == []

@@ -46,16 +46,7 @@ async def test_two_managers_on_one_database_never_share_a_node(
 ) -> None:
     first = manager_factory(node={"warm_pool_size": 4, "health_check_interval": 0.2})
     second = manager_factory(start=False, node={"warm_pool_size": 4, "health_check_interval": 0.2})
-    # same database, data directory and manager id: two worker processes of one manager
-    second.config.update(
-        database_url=first.config["database_url"],
-        data_dir=first.config["data_dir"],
-        manager_id=first.config["manager_id"],
-    )
-    import yaml
-
-    second.config_path.write_text(yaml.safe_dump(second.config))
-    second.start()
+    second.share_with(first).start()  # two worker processes of one manager
     wait_until(lambda: len(_pooled(first)) >= 4, timeout=60, what="pool filled")
     async with httpx.AsyncClient(timeout=120, trust_env=False) as http:
         answers = await asyncio.gather(*(http.post(f"{m.url}/get_cookie") for m in [first, second] * 4))

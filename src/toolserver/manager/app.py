@@ -48,12 +48,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     activity.start()
     checker_task: asyncio.Task[None] | None = None
     if settings.builtin_monitor:
-        if await checker.register():
-            checker_task = asyncio.create_task(checker.run(), name="node-checker")
-        else:
-            log.warning(
-                "another checker runs for manager %s; not starting the builtin one", settings.manager_id
-            )
+        loop = checker.run() if await checker.register() else checker.stand_by()
+        checker_task = asyncio.create_task(loop, name="node-checker")
     app.state.checker_task = checker_task
     pool = None
     if settings.node.warm_pool_size > 0:

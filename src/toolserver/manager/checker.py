@@ -29,6 +29,9 @@ from toolserver.runtimes.base import CREATED, RUNNING, NodeInfo, Runtime
 
 log = logging.getLogger(__name__)
 
+#: A standby checker retries registering every this many ticks (at least 1 s, at most the maximum).
+STANDBY_TICKS = 5
+STANDBY_MAX_SECONDS = 30.0
 #: Record statuses of a node between its insert and its first start (the seed's default, the runtime's word).
 NOT_STARTED = frozenset({STATUS_CREATED, CREATED})
 
@@ -204,6 +207,20 @@ class NodeChecker:
 
     async def unregister(self) -> None:
         await self.store.delete_checker(self.manager_id, self.pid)
+
+    async def stand_by(self) -> None:
+        """Retry registering every few ticks; run the loop once this process holds the record.
+
+        Several manager processes may share one manager id (workers on one database): one checks,
+        the others stand by, and one of them takes over within seconds when the checking process
+        dies (:meth:`register` deletes its stale record on the way).
+        """
+        retry = min(STANDBY_MAX_SECONDS, max(1.0, STANDBY_TICKS * self.settings.node.health_check_interval))
+        log.info("checker: another process checks for manager %s; standing by", self.manager_id)
+        while not await self.register():
+            await asyncio.sleep(retry)
+        log.info("checker: taking over for manager %s", self.manager_id)
+        await self.run()
 
     async def run(self) -> None:
         """Tick every ``node.health_check_interval`` seconds until the NodeChecker record is deleted."""
