@@ -1,12 +1,40 @@
-"""Command line: ``toolserver manager | node | checker``."""
+"""Command line of ToolServer.
+
+Servers: ``toolserver manager | node | checker``. Operator: ``toolserver nodes`` lists the node
+records of the manager's database. Client commands talk to a manager through the SDK (``--url``,
+default ``$TOOLSERVER_URL`` or http://127.0.0.1:8080): ``session new | reconnect | close |
+release``, ``tools``, ``exec``, ``upload``, ``download``, ``download-workspace``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from toolserver import __version__
+
+#: Subcommands served by :mod:`toolserver.client_cli`.
+CLIENT_COMMANDS = frozenset({"session", "tools", "exec", "upload", "download", "download-workspace"})
+URL_HELP = "manager URL (default: $TOOLSERVER_URL, else http://127.0.0.1:8080)"
+
+
+def _tool_arguments(item: str) -> dict[str, Any]:
+    """One ARGS item: a JSON object, or ``key=value`` with the value parsed as JSON when it parses."""
+    if item.lstrip().startswith("{"):
+        try:
+            return json.loads(item)  # text starting with "{" parses to an object or not at all
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a valid JSON object: {exc}") from None
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{item!r} is neither a JSON object nor key=value")
+    try:
+        return {key.strip(): json.loads(raw)}
+    except ValueError:
+        return {key.strip(): raw}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -14,15 +42,23 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="toolserver", description="A sandboxed tool server per agent session."
     )
     parser.add_argument("--version", action="version", version=f"toolserver {__version__}")
+    parser.add_argument("--url", help=URL_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    client = argparse.ArgumentParser(add_help=False)  # options of every client command
+    client.add_argument("--url", default=argparse.SUPPRESS, help=URL_HELP)
 
-    manager = sub.add_parser("manager", help="run the manager (sessions, routing, checker)")
+    def command(
+        name: str, text: str, parents: list[argparse.ArgumentParser] | None = None, group: Any = sub
+    ) -> argparse.ArgumentParser:
+        return group.add_parser(name, help=text, description=text, parents=parents or [])
+
+    manager = command("manager", "run the manager (sessions, routing, checker)")
     manager.add_argument("--config", type=Path, help="YAML config file (see config/manager.yml)")
     manager.add_argument("--host", help="address to bind (default 127.0.0.1)")
     manager.add_argument("--port", type=int, help="port to bind (default 8080)")
     manager.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
 
-    node = sub.add_parser("node", help="run one node (the tool server of a session)")
+    node = command("node", "run one node (the tool server of a session)")
     node.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     node.add_argument("--port", type=int, default=31942, help="port to bind (default 31942)")
     node.add_argument(
@@ -36,13 +72,67 @@ def _build_parser() -> argparse.ArgumentParser:
     node.add_argument("--config", type=Path, help="YAML node config file")
     node.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
 
-    checker = sub.add_parser("checker", help="run the node checker loop on its own")
+    checker = command("checker", "run the node checker loop on its own")
     checker.add_argument("--config", type=Path, help="YAML config file of the manager it checks for")
+
+    nodes = command("nodes", "list the node records of the manager's database (ids redacted)")
+    nodes.add_argument("--config", type=Path, help="the manager's YAML config file")
+    nodes.add_argument("--all", action="store_true", help="the nodes of every manager in the database")
+    nodes.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+
+    session = command("session", "start, reconnect, close or release a session", [client])
+    actions = session.add_subparsers(dest="action", required=True, metavar="ACTION")
+    command("new", "start a session and print its node_id", [client], actions)
+    for name, text in (
+        ("reconnect", "restart the session's node (workspace kept)"),
+        ("close", "stop the session's node; reconnect starts it again"),
+        ("release", "kill and remove the session's node for good"),
+    ):
+        command(name, text, [client], actions).add_argument("node_id", metavar="NODE_ID")
+
+    tools = command("tools", "list a node's tools with the first line of their descriptions", [client])
+    tools.add_argument("--session", metavar="NODE_ID", help="session to ask (default: a temporary one)")
+    tools.add_argument("--search", metavar="QUESTION", help="only the tools that best match QUESTION")
+    tools.add_argument("--top-k", type=int, default=5, metavar="N", help="with --search: how many (5)")
+    tools.add_argument("--json", action="store_true", help="print the raw JSON answer")
+
+    exec_ = command("exec", "run a tool and print its result", [client])
+    exec_.add_argument("--session", metavar="NODE_ID", help="session to use (default: a temporary one)")
+    exec_.add_argument(
+        "--out", type=Path, metavar="PATH", help="file for a binary result (default: its name here)"
+    )
+    exec_.add_argument("tool", metavar="TOOL", help="tool name, e.g. calculator")
+    exec_.add_argument(
+        "args",
+        nargs="*",
+        type=_tool_arguments,
+        metavar="ARGS",
+        help="""a JSON object ('{"expression": "6*7"}') or key=value pairs (values parsed as JSON
+        when they parse, else kept as strings)""",
+    )
+
+    upload = command("upload", "upload a local file into a session's workspace", [client])
+    upload.add_argument("node_id", metavar="NODE_ID")
+    upload.add_argument("file", type=Path, metavar="FILE")
+    upload.add_argument("--as", dest="name", metavar="NAME", help="name in the workspace")
+
+    download = command("download", "download a file from a session's workspace", [client])
+    download.add_argument("node_id", metavar="NODE_ID")
+    download.add_argument("path", metavar="PATH", help="path in the workspace")
+    download.add_argument("dest", nargs="?", type=Path, metavar="DEST", help="default: PATH's basename")
+
+    workspace = command("download-workspace", "download a session's workspace as a zip file", [client])
+    workspace.add_argument("node_id", metavar="NODE_ID")
+    workspace.add_argument("dest", type=Path, metavar="DEST.zip")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    if args.command in CLIENT_COMMANDS:
+        from toolserver.client_cli import run
+
+        return run(args)
     if args.command == "node":
         from toolserver.node.server import serve
 
@@ -73,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         from toolserver.manager.server import serve_manager
 
         serve_manager(settings, log_level=args.log_level)
+    elif args.command == "nodes":
+        from toolserver.manager.listing import print_nodes
+
+        return print_nodes(settings, every=args.all, as_json=args.json)
     else:
         from toolserver.manager.checker import run_standalone
 
