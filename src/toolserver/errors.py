@@ -8,6 +8,7 @@
     │   ├── RuntimeUnavailable      the runtime backend cannot be reached (e.g. Docker Engine down)
     │   └── NodeNotFound            the runtime has no such node (already gone)
     ├── NodeStartError              a node did not become ready (failed or timed out)
+    ├── DatabaseUnavailable         the records' database cannot be reached (503, retry later)
     ├── SessionError                a session request cannot be served
     │   ├── InvalidSession          missing/unknown node_id
     │   └── CapacityExceeded        node.max_nodes reached
@@ -46,6 +47,10 @@ class NodeNotFound(RuntimeBackendError):
 
 class NodeStartError(ToolServerError):
     """A node failed to start or did not become ready in time."""
+
+
+class DatabaseUnavailable(ToolServerError):
+    """The database holding the records cannot be reached or failed the operation."""
 
 
 class SessionError(ToolServerError):

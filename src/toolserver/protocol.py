@@ -12,6 +12,8 @@ COOKIE_NAME = "node_id"
 SECRET_HEADER = "X-ToolServer-Node-Secret"
 #: Environment variable through which a runtime hands the secret to the node process.
 SECRET_ENV = "TOOLSERVER_NODE_SECRET"
+#: Seconds the manager asks a client to wait (Retry-After) on 429 and on 503 for a database outage.
+RETRY_AFTER_SECONDS = 5
 #: Status code XAgent uses for "output not ready yet".
 STATUS_OUTPUT_NOT_READY = 450
 

@@ -7,9 +7,11 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.support import ManagerProcess, free_port, wait_until
@@ -30,45 +32,55 @@ def _pg_tool(name: str) -> str | None:
     return str(versions[-1]) if versions else None
 
 
+class PostgresServer:
+    """A throwaway PostgreSQL server on 127.0.0.1, run as the postgres user when we are root."""
+
+    def __init__(self) -> None:
+        initdb, pg_ctl = _pg_tool("initdb"), _pg_tool("pg_ctl")
+        if not (initdb and pg_ctl):
+            pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+        self.pg_ctl = pg_ctl
+        self.root = Path(tempfile.mkdtemp(prefix="toolserver-pg-"))  # not under pytest's 0700 tree
+        self.data = self.root / "data"
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:  # initdb refuses to run as root
+            shutil.chown(self.root, "postgres")
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.port = free_port()
+        self.url = f"postgresql+asyncpg://toolserver@127.0.0.1:{self.port}/postgres"
+        subprocess.run(
+            [*self.as_user, initdb, "-D", str(self.data), "-U", "toolserver", "--auth=trust", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+        )
+
+    def start(self) -> None:
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.root}"
+        log = str(self.root / "pg.log")
+        subprocess.run(
+            [*self.as_user, self.pg_ctl, "-D", str(self.data), "-l", log, "-w", "start", "-o", options],
+            check=True,
+            capture_output=True,
+        )
+
+    def stop(self) -> None:
+        subprocess.run(
+            [*self.as_user, self.pg_ctl, "-D", str(self.data), "-m", "immediate", "stop"], capture_output=True
+        )
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
-    """A throwaway PostgreSQL server on 127.0.0.1, run as the postgres user when we are root."""
-    initdb, pg_ctl = _pg_tool("initdb"), _pg_tool("pg_ctl")
-    if not (initdb and pg_ctl):
-        pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
-    root = Path(tempfile.mkdtemp(prefix="toolserver-pg-"))  # not under pytest's 0700 tree
-    data = root / "data"
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses to run as root
-        shutil.chown(root, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    port = free_port()
-    subprocess.run(
-        [*as_user, initdb, "-D", str(data), "-U", "toolserver", "--auth=trust", "-E", "UTF8"],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        [
-            *as_user,
-            pg_ctl,
-            "-D",
-            str(data),
-            "-l",
-            str(root / "pg.log"),
-            "-w",
-            "start",
-            "-o",
-            f"-h 127.0.0.1 -p {port} -k {root}",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    server = PostgresServer()
+    server.start()
     try:
-        yield f"postgresql+asyncpg://toolserver@127.0.0.1:{port}/postgres"
+        yield server.url
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+        server.remove()
 
 
 async def test_concurrent_claims_on_postgres_never_share_a_node(postgres_url: str) -> None:
@@ -112,3 +124,41 @@ def test_session_lifecycle_on_postgres(
         session.reconnect()
         assert session.get_available_tools()["available_tools"]
     wait_until(lambda: manager.node_processes() == [], timeout=10, what="node gone")
+
+
+def test_database_outage_answers_503_and_the_manager_recovers(
+    manager_factory: Callable[..., ManagerProcess],
+) -> None:
+    server = PostgresServer()
+    server.start()
+    try:
+        manager = manager_factory(database_url=server.url)
+        calc = {"tool_name": "calculator", "arguments": {"expression": "6*7"}}
+        with ToolServerClient(manager.url) as client:
+            session = client.get_cookie()
+            cookie = {"Cookie": f"node_id={session.node_id}"}
+            server.stop()
+            time.sleep(1.5)  # past the route cache: the next request must read the record
+            with httpx.Client(base_url=manager.url, trust_env=False, timeout=30) as http:
+                for answer in (
+                    http.post("/execute_tool", json=calc, headers=cookie),
+                    http.post("/get_cookie"),
+                ):
+                    assert answer.status_code == 503, answer.text
+                    assert answer.json()["detail"].startswith("database unavailable")
+                    assert answer.headers["Retry-After"]
+                assert http.get("/alive").status_code == 200
+                server.start()
+                # connections broken by the outage are replaced: the session works again
+                wait_until(
+                    lambda: http.post("/execute_tool", json=calc, headers=cookie).status_code == 200,
+                    timeout=20,
+                    what="the manager serving again",
+                )
+                assert http.post("/execute_tool", json=calc, headers=cookie).json() == 42
+            # shutting down while the database is away still stops the node: the runtime knows it runs
+            server.stop()
+            assert manager.stop(), manager.tail(40)
+            assert manager.node_processes() == []
+    finally:
+        server.remove()

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from datetime import datetime
 
+from toolserver.errors import DatabaseUnavailable
 from toolserver.manager.models import utcnow
 from toolserver.manager.store import Store
 
@@ -37,10 +38,17 @@ class ActivityBuffer:
         batch, self._pending = self._pending, {}
         try:
             await self.store.touch_nodes(batch)
+        except DatabaseUnavailable as exc:
+            log.warning("could not write last request times (%s); will retry", exc)
+            self._keep(batch)
         except Exception:
             log.exception("could not write last request times; will retry")
-            for node_id, when in batch.items():
-                self._pending.setdefault(node_id, when)
+            self._keep(batch)
+
+    def _keep(self, batch: dict[str, datetime]) -> None:
+        """Put an unwritten batch back, under any newer times touched meanwhile."""
+        for node_id, when in batch.items():
+            self._pending.setdefault(node_id, when)
 
     async def _run(self) -> None:
         while True:

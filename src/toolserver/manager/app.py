@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 
 from toolserver.errors import (
     CapacityExceeded,
+    DatabaseUnavailable,
     InvalidSession,
     NodeNotFound,
     NodeStartError,
@@ -27,12 +28,10 @@ from toolserver.manager.proxy import NodeProxy, send_json
 from toolserver.manager.sessions import SessionService
 from toolserver.manager.settings import Settings
 from toolserver.manager.store import open_store
-from toolserver.protocol import COOKIE_NAME
+from toolserver.protocol import COOKIE_NAME, RETRY_AFTER_SECONDS
 from toolserver.runtimes import Runtime, create_runtime
 
 log = logging.getLogger(__name__)
-
-RETRY_AFTER_SECONDS = 5
 
 
 @asynccontextmanager
@@ -71,19 +70,29 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        # each step runs even when one before it fails (the database or Docker may be down)
+        stop = settings.node.on_shutdown == "stop"
         if pool is not None:
-            await pool.aclose(release=settings.node.on_shutdown == "stop")
+            await _step("closing the warm pool", pool.aclose(release=stop))
         if checker_task is not None:
             checker_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await checker_task
-            await checker.unregister()
-        await activity.aclose()
-        if settings.node.on_shutdown == "stop":
-            await sessions.stop_all()
+            await _step("removing the NodeChecker record", checker.unregister())
+        await _step("writing last request times", activity.aclose())
+        if stop:
+            await _step("stopping the nodes", sessions.stop_all())
         await proxy.aclose()
         await runtime.aclose()
         await store.aclose()
+
+
+async def _step(what: str, work: Awaitable[None]) -> None:
+    """Await one shutdown step; a failure is logged and shutdown goes on."""
+    try:
+        await work
+    except Exception as exc:
+        log.warning("shutdown: %s failed: %s", what, exc)
 
 
 def _error(status: int, detail: str, **headers: str) -> JSONResponse:
@@ -131,6 +140,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> ManagerApp
     @app.exception_handler(CapacityExceeded)
     async def _full(_: Request, exc: CapacityExceeded) -> JSONResponse:
         return _error(429, str(exc), **{"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+    @app.exception_handler(DatabaseUnavailable)
+    async def _database(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
+        return _error(503, str(exc), **{"Retry-After": str(RETRY_AFTER_SECONDS)})
 
     @app.exception_handler(NodeNotFound)
     async def _gone(_: Request, exc: NodeNotFound) -> JSONResponse:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from toolserver.errors import NodeNotFound
+from toolserver.errors import DatabaseUnavailable, NodeNotFound
 from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.models import STATUS_CREATED, STOPPED_STATUSES, ToolServerNode, utcnow
 from toolserver.manager.settings import Settings
@@ -236,6 +236,8 @@ class NodeChecker:
                     log.warning("checker: tick had %d errors", report.errors)
             except asyncio.CancelledError:
                 raise
+            except DatabaseUnavailable as exc:
+                log.warning("checker: tick skipped (%s)", exc)
             except Exception:
                 log.exception("checker: tick failed")
             await asyncio.sleep(interval)

@@ -17,10 +17,10 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict
 
-from toolserver.errors import InvalidSession
+from toolserver.errors import DatabaseUnavailable, InvalidSession
 from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.sessions import SessionService
-from toolserver.protocol import COOKIE_NAME, SECRET_HEADER
+from toolserver.protocol import COOKIE_NAME, RETRY_AFTER_SECONDS, SECRET_HEADER
 from toolserver.runtimes.base import RUNNING
 
 ASGIApp = Any
@@ -119,6 +119,9 @@ class NodeProxy:
             route = await self.sessions.route(node_id)
         except InvalidSession as exc:
             return await send_json(send, 403, {"detail": str(exc)})
+        except DatabaseUnavailable as exc:
+            retry = [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())]
+            return await send_json(send, 503, {"detail": str(exc)}, retry)
         if route.status != RUNNING:
             return await send_json(
                 send, 503, {"detail": f"node is not running: {route.short_id} ({route.status})"}

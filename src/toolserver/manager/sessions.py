@@ -13,6 +13,7 @@ from typing import Any
 
 from toolserver.errors import (
     CapacityExceeded,
+    DatabaseUnavailable,
     InvalidSession,
     NodeNotFound,
     NodeStartError,
@@ -288,15 +289,28 @@ class SessionService:
         log.info("node %s released", node.short_id)
 
     async def stop_all(self) -> None:
-        """Stop every node of this manager (shutdown with node.on_shutdown = stop)."""
-        nodes = [n for n in await self.store.list_nodes(self.manager_id) if n.status not in STOPPED_STATUSES]
+        """Stop every running node of this manager (shutdown with node.on_shutdown = stop).
+
+        The runtime says what runs, so a database outage leaves no node running; records are
+        updated where the database answers.
+        """
+        running = [i for i in await self.runtime.list(self.manager_id) if i.running]
+        try:
+            records = {n.short_id: n for n in await self.store.list_nodes(self.manager_id)}
+        except DatabaseUnavailable as exc:
+            log.warning("stopping nodes without updating their records: %s", exc)
+            records = {}
         sem = asyncio.Semaphore(8)
 
-        async def one(node: ToolServerNode) -> None:
+        async def one(info: NodeInfo) -> None:
             async with sem:
                 try:
-                    await self._stop(node)
+                    node = records.get(info.node_id)
+                    if node is None:
+                        await self.runtime.stop(info.state, self.settings.node.stop_grace_seconds)
+                    else:
+                        await self._stop(node)
                 except Exception:
-                    log.exception("could not stop node %s", node.short_id)
+                    log.exception("could not stop node %s", info.node_id)
 
-        await asyncio.gather(*(one(n) for n in nodes))
+        await asyncio.gather(*(one(i) for i in running))

@@ -15,9 +15,10 @@ from typing import Any
 
 from sqlalchemy import delete, event, func, select, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from toolserver.errors import DatabaseUnavailable
 from toolserver.manager.models import STOPPED_STATUSES, NodeChecker, ToolServerNode, utcnow
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,20 @@ def _alembic_upgrade(connection: Any) -> None:
     command.upgrade(cfg, "head")
 
 
+def _is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` means the database cannot be used right now (as opposed to a bad statement).
+
+    Lost or refused connections surface as OSError, as SQLAlchemy's DBAPIError family (other than
+    the errors a statement itself causes: integrity, programming, data), or, while connecting, as
+    the driver's own exceptions (asyncpg's "the database system is starting up"), unwrapped.
+    """
+    if isinstance(exc, IntegrityError | ProgrammingError | DataError):
+        return False
+    if isinstance(exc, DBAPIError | OSError | TimeoutError):
+        return True
+    return type(exc).__module__.split(".")[0] == "asyncpg"
+
+
 def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
@@ -60,7 +75,9 @@ class Store:
         self.url = make_url(url)
         if self.url.get_backend_name() == "sqlite" and self.url.database not in (None, "", ":memory:"):
             Path(self.url.database).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: AsyncEngine = create_async_engine(self.url, pool_pre_ping=False)
+        # a server database may restart under us: check a pooled connection before handing it out
+        server = self.url.get_backend_name() != "sqlite"
+        self.engine: AsyncEngine = create_async_engine(self.url, pool_pre_ping=server)
         if self.url.get_backend_name() == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.session = async_sessionmaker(self.engine, expire_on_commit=False)
@@ -68,9 +85,26 @@ class Store:
         self._write_lock = asyncio.Lock() if self.url.get_backend_name() == "sqlite" else None
 
     @asynccontextmanager
+    async def _reachable(self) -> AsyncIterator[None]:
+        """Turn a lost or refused database connection into DatabaseUnavailable."""
+        try:
+            yield
+        except Exception as exc:
+            if not _is_outage(exc):
+                raise
+            reason = (str(getattr(exc, "orig", None) or exc).splitlines() or [""])[0] or type(exc).__name__
+            raise DatabaseUnavailable(f"database unavailable: {reason}") from exc
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncSession]:
+        """A session for reads."""
+        async with self._reachable(), self.session() as s:
+            yield s
+
+    @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncSession]:
         """A write transaction (serialised within this process on SQLite)."""
-        async with self._write_lock or contextlib.nullcontext(), self.session.begin() as s:
+        async with self._reachable(), self._write_lock or contextlib.nullcontext(), self.session.begin() as s:
             yield s
 
     async def migrate(self) -> None:
@@ -88,16 +122,16 @@ class Store:
             s.add(node)
 
     async def get_node(self, node_id: str) -> ToolServerNode | None:
-        async with self.session() as s:
+        async with self._read() as s:
             return await s.get(ToolServerNode, node_id)
 
     async def list_nodes(self, manager_id: str) -> list[ToolServerNode]:
-        async with self.session() as s:
+        async with self._read() as s:
             rows = await s.scalars(select(ToolServerNode).where(ToolServerNode.manager_id == manager_id))
             return list(rows)
 
     async def count_live_nodes(self, manager_id: str) -> int:
-        async with self.session() as s:
+        async with self._read() as s:
             q = (
                 select(func.count())
                 .select_from(ToolServerNode)
@@ -108,7 +142,7 @@ class Store:
             return int(await s.scalar(q) or 0)
 
     async def count_pooled(self, manager_id: str) -> int:
-        async with self.session() as s:
+        async with self._read() as s:
             q = (
                 select(func.count())
                 .select_from(ToolServerNode)
@@ -167,7 +201,7 @@ class Store:
     # ---- checkers -----------------------------------------------------------------------------------
 
     async def get_checker(self, manager_id: str) -> NodeChecker | None:
-        async with self.session() as s:
+        async with self._read() as s:
             return await s.get(NodeChecker, manager_id)
 
     async def delete_stale_checkers(self, stale_after: float) -> list[str]:
@@ -178,7 +212,7 @@ class Store:
         """
         host = socket.gethostname()
         limit = utcnow() - timedelta(seconds=stale_after)
-        async with self.session() as s:
+        async with self._read() as s:
             rows = list(await s.scalars(select(NodeChecker)))
         stale = [
             r.manager_id

@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 MARK_ENV = "TOOLSERVER_MARK_NODE"
 MARK_FILE = "node.json"
 HEALTH_TIMEOUT = 1.0
+#: Longest wait for a just-ended child's exit status (see ``inspect``).
+EXIT_STATUS_WAIT = 1.0
 
 
 def bound_socket(host: str = "127.0.0.1") -> socket.socket:
@@ -236,6 +238,14 @@ class ProcessRuntime(Runtime):
         info = self._observe(mark)
         if info.running:
             await self._probe(info)
+        elif info.status == EXITED and info.detail is None:
+            # our child just ended: its exit status reaches the event loop a moment after the
+            # process is gone; wait that moment so the record can say why it stopped
+            child = self._children.get(mark["node_id"])
+            if child is not None and child.pid == mark.get("pid") and child.returncode is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(child.wait(), EXIT_STATUS_WAIT)
+                info = self._observe(mark)
         return info
 
     async def list(self, manager_id: str) -> list[NodeInfo]:
