@@ -59,11 +59,17 @@ source_hash() {
 HASH=$(source_hash)
 if [ "${FORCE:-0}" != 1 ] && image_exists "$NODE_IMAGE"; then
     current=$(docker image inspect "$NODE_IMAGE" --format "{{ index .Config.Labels \"$HASH_LABEL\" }}" 2>/dev/null || true)
-    if [ "$current" = "$HASH" ]; then
+    # the wheels stay in build/wheels for the manager image (docker-compose.yml): they count too
+    wheels=$(cat "$WHEELS/.source-hash" 2>/dev/null || true)
+    if [ "$current" = "$HASH" ] && [ "$wheels" = "$HASH" ]; then
         step "$NODE_IMAGE is up to date (source hash $HASH)"
         exit 0
     fi
-    step "$NODE_IMAGE is stale (built from ${current:-unknown}, sources now $HASH): rebuilding"
+    if [ "$current" = "$HASH" ]; then
+        step "$NODE_IMAGE is up to date but $WHEELS is not: rebuilding the wheels (the image build is cached)"
+    else
+        step "$NODE_IMAGE is stale (built from ${current:-unknown}, sources now $HASH): rebuilding"
+    fi
 else
     step "building $NODE_IMAGE (source hash $HASH)"
 fi
@@ -132,6 +138,8 @@ if [ "$(cat "$WHEELS/deps/.deps-hash" 2>/dev/null || true)" != "$deps_hash" ]; t
 else
     step "dependency wheels are up to date ($(find "$WHEELS/deps" -name '*.whl' | wc -l) wheels)"
 fi
+
+echo "$HASH" >"$WHEELS/.source-hash"
 
 # --- 4. the image (legacy builder: works with any daemon, no buildx needed; no network inside)
 step "docker build -f docker/node.Dockerfile (base $BASE)"
