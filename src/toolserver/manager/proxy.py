@@ -153,13 +153,11 @@ class NodeProxy:
             return await send_json(send, 503, {"detail": "node is not responding"})
         try:
             out = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in HOP_BY_HOP]
-            size = resp.content_length
-            if size is not None and size <= SMALL_BODY:  # small answers: one body message
-                body = await resp.read()
-                await send({"type": "http.response.start", "status": resp.status, "headers": out})
-                await send({"type": "http.response.body", "body": body})
-                return None
+            small = resp.content_length is not None and resp.content_length <= SMALL_BODY
+            body = await resp.read() if small else b""  # a small answer goes back in one message
             await send({"type": "http.response.start", "status": resp.status, "headers": out})
+            if small:
+                return await send({"type": "http.response.body", "body": body})
             async for chunk in resp.content.iter_chunked(CHUNK):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
