@@ -39,3 +39,20 @@ async def test_fifty_concurrent_get_cookie_with_max_nodes_twenty(
     assert manager.nodes() == []
     assert manager.node_processes() == []
     assert manager.node_dirs() == []
+
+
+async def test_max_nodes_holds_across_worker_processes(
+    manager_factory: Callable[..., ManagerProcess],
+) -> None:
+    node = {"max_nodes": 4, "creation_wait_seconds": 120, "health_check_interval": 1}
+    first = manager_factory(node=node)
+    second = manager_factory(start=False, node=node)
+    second.share_with(first).start()  # two worker processes of one manager, one SQLite file
+    async with httpx.AsyncClient(timeout=180, trust_env=False) as http:
+        answers = await asyncio.gather(*(http.post(f"{m.url}/get_cookie") for m in [first, second] * 6))
+        codes = sorted(r.status_code for r in answers)
+        assert codes == [200] * 4 + [429] * 8, codes
+        assert len(first.nodes()) == 4
+        for cookie in [r.cookies["node_id"] for r in answers if r.status_code == 200]:
+            await http.post(f"{first.url}/release_session", headers={"Cookie": f"node_id={cookie}"})
+    assert first.nodes() == []

@@ -162,3 +162,16 @@ def test_database_outage_answers_503_and_the_manager_recovers(
             assert manager.node_processes() == []
     finally:
         server.remove()
+
+
+async def test_max_nodes_is_atomic_across_stores_on_postgres(postgres_url: str) -> None:
+    stores = [await open_store(postgres_url) for _ in range(3)]
+    try:
+        nodes = [ToolServerNode.new("pg-capacity", "process") for _ in range(15)]
+        counts = await asyncio.gather(*(stores[i % 3].add_node_within(n, 5) for i, n in enumerate(nodes)))
+        assert sorted(counts) == list(range(5)) + [5] * 10  # each insert saw the ones before it
+        assert await stores[0].count_live_nodes("pg-capacity") == 5
+        await stores[0].delete_nodes([n.id for n in nodes])
+    finally:
+        for s in stores:
+            await s.aclose()

@@ -132,22 +132,27 @@ class SessionService:
             self.busy.discard(node_id)
             self.forget_route(node_id)
 
+    def _full(self, live: int) -> CapacityExceeded:
+        limit = self.settings.node.max_nodes
+        return CapacityExceeded(
+            f"this manager already runs {live} nodes (node.max_nodes = {limit}); "
+            "release a session or retry later"
+        )
+
     async def _check_capacity(self) -> None:
         """CapacityExceeded when node.max_nodes nodes are live; call it holding ``self._capacity``."""
         live = await self.store.count_live_nodes(self.manager_id)
         if live >= self.settings.node.max_nodes:
-            raise CapacityExceeded(
-                f"this manager already runs {live} nodes "
-                f"(node.max_nodes = {self.settings.node.max_nodes}); release a session or retry later"
-            )
+            raise self._full(live)
 
     async def _reserve(self, pooled: bool = False) -> ToolServerNode:
-        """Insert a new record unless the manager is at node.max_nodes (atomic within this process)."""
-        async with self._capacity:
-            await self._check_capacity()
-            node = ToolServerNode.new(self.manager_id, self.runtime.name, pooled=pooled)
-            await self.store.add_node(node)
-            return node
+        """Insert a new record unless the manager is at node.max_nodes (atomic across processes)."""
+        node = ToolServerNode.new(self.manager_id, self.runtime.name, pooled=pooled)
+        async with self._capacity:  # within this process, callers queue here rather than in the database
+            live = await self.store.add_node_within(node, self.settings.node.max_nodes)
+        if live >= self.settings.node.max_nodes:
+            raise self._full(live)
+        return node
 
     async def create(self) -> ToolServerNode:
         """A node for a new session: a ready warm-pool node if there is one, else a cold start."""

@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, event, func, select, update
+from sqlalchemy import Select, delete, event, func, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -54,6 +54,15 @@ def _is_outage(exc: BaseException) -> bool:
     if isinstance(exc, DBAPIError | OSError | TimeoutError):
         return True
     return type(exc).__module__.split(".")[0] == "asyncpg"
+
+
+def _live_count(manager_id: str) -> Select[tuple[int]]:
+    """How many nodes of ``manager_id`` are not stopped (what node.max_nodes limits)."""
+    return (
+        select(func.count())
+        .select_from(ToolServerNode)
+        .where(ToolServerNode.manager_id == manager_id, ToolServerNode.status.not_in(STOPPED_STATUSES))
+    )
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -132,14 +141,25 @@ class Store:
 
     async def count_live_nodes(self, manager_id: str) -> int:
         async with self._read() as s:
-            q = (
-                select(func.count())
-                .select_from(ToolServerNode)
-                .where(
-                    ToolServerNode.manager_id == manager_id, ToolServerNode.status.not_in(STOPPED_STATUSES)
-                )
-            )
-            return int(await s.scalar(q) or 0)
+            return int(await s.scalar(_live_count(manager_id)) or 0)
+
+    async def add_node_within(self, node: ToolServerNode, limit: int) -> int:
+        """Insert ``node`` unless its manager already has ``limit`` live nodes; returns that count.
+
+        Atomic across the processes sharing the database: the count and the insert run under the
+        database's write lock on SQLite (``BEGIN IMMEDIATE``) and under a transaction-scoped
+        advisory lock on the manager id on PostgreSQL.
+        """
+        async with self._write() as s:
+            backend = self.url.get_backend_name()
+            if backend == "sqlite":
+                await s.execute(text("BEGIN IMMEDIATE"))
+            elif backend == "postgresql":
+                await s.execute(select(func.pg_advisory_xact_lock(func.hashtext(node.manager_id))))
+            live = int(await s.scalar(_live_count(node.manager_id)) or 0)
+            if live < limit:
+                s.add(node)
+            return live
 
     async def count_pooled(self, manager_id: str) -> int:
         async with self._read() as s:
