@@ -31,6 +31,7 @@ from toolserver.manager.settings import Settings, load_settings
 from toolserver.manager.store import Store, open_store
 from toolserver.runtimes.base import HEALTHY, RUNNING, NodeInfo, NodeSpec
 from toolserver.runtimes.process import ProcessRuntime
+from toolserver.testing import scratch_config
 
 NAME = "checker"
 TITLE = "Checker cost"
@@ -103,8 +104,7 @@ async def _insert(store: Store, records: list[ToolServerNode]) -> None:
 async def _measure_size(root: Path, n: int, ticks: int) -> dict[str, Any]:
     settings = load_settings(
         None,
-        data_dir=str(root / "data"),
-        database_url=f"sqlite+aiosqlite:///{root / 'data' / 'toolserver.db'}",
+        **scratch_config(root),
         manager_id=f"bench-checker-{n}",
     )
     store = await open_store(settings.database_url)

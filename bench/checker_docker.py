@@ -20,6 +20,7 @@ from toolserver.manager.settings import load_settings
 from toolserver.manager.store import open_store
 from toolserver.runtimes.base import NodeSpec
 from toolserver.runtimes.docker import DockerRuntime
+from toolserver.testing import scratch_config
 
 NAME = "checker_docker"
 TITLE = "Checker cost, real Docker nodes"
@@ -31,8 +32,7 @@ async def _measure(ctx: Context, n: int, ticks: int) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     settings = load_settings(
         None,
-        data_dir=str(root / "data"),
-        database_url=f"sqlite+aiosqlite:///{root / 'data' / 'toolserver.db'}",
+        **scratch_config(root),
         manager_id=f"bench-checker-docker-{secrets.token_hex(3)}",
     )
     store = await open_store(settings.database_url)

@@ -11,7 +11,14 @@ from typing import Any, ClassVar
 import psutil
 
 from toolserver import testing
-from toolserver.testing import free_port, http_ok, node_processes, processes_under, wait_until
+from toolserver.testing import (
+    free_port,
+    http_ok,
+    node_processes,
+    processes_under,
+    scratch_config,
+    wait_until,
+)
 
 __all__ = [
     "NODE_IMAGE",
@@ -66,9 +73,8 @@ async def inprocess_manager(root: Path, runtime_factory: Any = None, **config: A
     settings = load_settings(
         None,
         port=port,
-        data_dir=str(root / "data"),
+        **scratch_config(root),
         manager_id=f"test-{port}",
-        database_url=f"sqlite+aiosqlite:///{root / 'data' / 'toolserver.db'}",
         node=node,
         **config,
     )

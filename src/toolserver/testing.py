@@ -33,6 +33,7 @@ __all__ = [
     "http_ok",
     "node_processes",
     "processes_under",
+    "scratch_config",
     "wait_until",
 ]
 
@@ -42,6 +43,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def scratch_config(root: Path) -> dict[str, str]:
+    """Manager settings that keep its data directory and SQLite database under ``root/data``."""
+    data = Path(root) / "data"
+    return {"data_dir": str(data), "database_url": f"sqlite+aiosqlite:///{data / 'toolserver.db'}"}
 
 
 def wait_until(
@@ -111,8 +118,7 @@ class ManagerProcess:
         self.log_level = log_level
         self.config: dict[str, Any] = {
             "port": self.port,
-            "data_dir": str(self.data_dir),
-            "database_url": f"sqlite+aiosqlite:///{self.db_path}",
+            **scratch_config(root),
             "manager_id": f"test-{self.port}",
             **config,
             "node": {**self.node_defaults, **config.get("node", {})},

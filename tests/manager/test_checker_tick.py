@@ -16,6 +16,7 @@ from toolserver.manager.settings import load_settings
 from toolserver.manager.store import open_store
 from toolserver.runtimes.base import CREATED, RUNNING
 from toolserver.runtimes.process import ProcessRuntime
+from toolserver.testing import scratch_config
 
 
 def _record(manager_id: str, status: str, age_seconds: float) -> ToolServerNode:
@@ -26,8 +27,7 @@ def _record(manager_id: str, status: str, age_seconds: float) -> ToolServerNode:
 async def test_tick_spares_nodes_another_worker_is_creating(tmp_path: Path) -> None:
     settings = load_settings(
         None,
-        data_dir=str(tmp_path / "data"),
-        database_url=f"sqlite+aiosqlite:///{tmp_path / 'toolserver.db'}",
+        **scratch_config(tmp_path),
         manager_id="worker-test",
         node={"creation_wait_seconds": 30},
     )
