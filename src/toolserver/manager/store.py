@@ -13,13 +13,15 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, delete, event, func, select, text, update
+import psutil
+from sqlalchemy import Select, bindparam, delete, event, func, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from toolserver.errors import DatabaseUnavailable
-from toolserver.manager.models import STOPPED_STATUSES, NodeChecker, ToolServerNode, utcnow
+from toolserver.manager.models import NodeChecker, Ownership, ToolServerNode, utcnow
+from toolserver.states import STOPPED_STATUSES, NodeStatus
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,34 @@ def _live_count(manager_id: str) -> Select[tuple[int]]:
         .select_from(ToolServerNode)
         .where(ToolServerNode.manager_id == manager_id, ToolServerNode.status.not_in(STOPPED_STATUSES))
     )
+
+
+_NODES = ToolServerNode.__table__
+
+
+def this_process() -> str:
+    """This manager process as a record's ``creator``: ``host/pid/start time``."""
+    return f"{socket.gethostname()}/{os.getpid()}/{psutil.Process().create_time():.2f}"
+
+
+def creator_alive(creator: str | None) -> bool | None:
+    """Whether the manager process named ``creator`` (see :func:`this_process`) still runs.
+
+    None when that cannot be told from here: another host's process (its record's deadline
+    decides), or a name that does not parse.
+    """
+    host, _, rest = (creator or "").partition("/")
+    pid, _, started = rest.partition("/")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        proc = psutil.Process(int(pid))
+        same = abs(proc.create_time() - float(started)) < 0.05
+        return same and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except (psutil.Error, ValueError):
+        return None
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -170,17 +200,22 @@ class Store:
             )
             return int(await s.scalar(q) or 0)
 
-    async def claim_pooled(self, manager_id: str, health: str | None) -> ToolServerNode | None:
+    async def claim_pooled(
+        self, manager_id: str, health: str | None, creator: str, deadline: datetime
+    ) -> ToolServerNode | None:
         """Take one ready pool node for a session; atomic across processes sharing the database.
 
-        A node qualifies when running and, if ``health`` is given, with that health. One
-        ``UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED) AND pooled RETURNING`` statement:
-        PostgreSQL hands concurrent claimers different rows, SQLite serialises writers.
+        A node qualifies when in the pool, running and, if ``health`` is given, with that health.
+        It leaves the pool as ``starting``, owned by ``creator`` until ``deadline`` (until its
+        cookie is handed over, see :meth:`hand_over`). One ``UPDATE … WHERE id = (SELECT … FOR
+        UPDATE SKIP LOCKED) AND pooled RETURNING`` statement: PostgreSQL hands concurrent claimers
+        different rows, SQLite serialises writers.
         """
         pick = select(ToolServerNode.id).where(
             ToolServerNode.manager_id == manager_id,
             ToolServerNode.pooled.is_(True),
-            ToolServerNode.status == "running",
+            ToolServerNode.ownership == Ownership.POOL,
+            ToolServerNode.status == NodeStatus.RUNNING,
         )
         if health is not None:
             pick = pick.where(ToolServerNode.health == health)
@@ -188,29 +223,62 @@ class Store:
         claim = (
             update(ToolServerNode)
             .where(ToolServerNode.id == pick, ToolServerNode.pooled.is_(True))
-            .values(pooled=False, last_req_time=utcnow())
+            .values(
+                pooled=False,
+                ownership=Ownership.STARTING,
+                creator=creator,
+                deadline=deadline,
+                last_req_time=utcnow(),
+            )
             .returning(ToolServerNode)
         )
         async with self._write() as s:
             return (await s.scalars(claim)).one_or_none()
 
+    async def hand_over(self, node_id: str) -> bool:
+        """Make a ``starting`` record its session's: the cookie is about to go out. False when the
+        record is no longer ``starting`` (a checker removed it past its deadline, say)."""
+        q = (
+            update(ToolServerNode)
+            .where(ToolServerNode.id == node_id, ToolServerNode.ownership == Ownership.STARTING)
+            .values(ownership=Ownership.SESSION, creator=None, deadline=None, last_req_time=utcnow())
+        )
+        async with self._write() as s:
+            return bool((await s.execute(q)).rowcount)
+
     async def update_node(self, node_id: str, **fields: Any) -> None:
         await self.update_nodes({node_id: fields})
 
     async def update_nodes(self, changes: Mapping[str, Mapping[str, Any]]) -> None:
-        """Apply per-node field updates in one transaction: one executemany per set of fields."""
+        """Apply per-node field updates in one transaction: one executemany per set of fields.
+
+        ``UPDATE … WHERE id = :id`` in Core: a record deleted meanwhile simply matches no row (an
+        ORM bulk update would fail the whole batch with StaleDataError).
+        """
         if not changes:
             return
-        groups: dict[frozenset[str], list[dict[str, Any]]] = {}
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for node_id, fields in changes.items():
-            groups.setdefault(frozenset(fields), []).append({"id": node_id, **fields})
+            keys = tuple(sorted(fields))
+            groups.setdefault(keys, []).append({"b_id": node_id, **{f"b_{k}": v for k, v in fields.items()}})
         async with self._write() as s:
-            for rows in groups.values():
-                await s.execute(update(ToolServerNode), rows)  # ORM bulk UPDATE by primary key
+            for keys, rows in groups.items():
+                values = {k: bindparam(f"b_{k}", type_=_NODES.c[k].type) for k in keys}
+                q = update(_NODES).where(_NODES.c.id == bindparam("b_id")).values(values)
+                await s.execute(q, rows)
 
     async def touch_nodes(self, times: Mapping[str, datetime]) -> None:
-        """Write buffered last request times."""
-        await self.update_nodes({node_id: {"last_req_time": when} for node_id, when in times.items()})
+        """Write buffered last request times; a time never moves a record's backwards, and a
+        record deleted meanwhile is skipped."""
+        if not times:
+            return
+        q = (
+            update(_NODES)
+            .where(_NODES.c.id == bindparam("b_id"), _NODES.c.last_req_time < bindparam("b_when"))
+            .values(last_req_time=bindparam("b_when"))
+        )
+        async with self._write() as s:
+            await s.execute(q, [{"b_id": node_id, "b_when": when} for node_id, when in times.items()])
 
     async def delete_nodes(self, node_ids: Iterable[str]) -> None:
         ids = list(node_ids)
@@ -285,4 +353,4 @@ async def open_store(url: str) -> Store:
     return store
 
 
-__all__ = ["Store", "open_store", "pid_alive"]
+__all__ = ["Store", "creator_alive", "open_store", "pid_alive", "this_process"]
