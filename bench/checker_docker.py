@@ -14,8 +14,10 @@ from typing import Any
 
 from bench import dockerenv
 from bench.common import Context, Figure, Outcome, summary
+from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.checker import NodeChecker
-from toolserver.manager.models import ToolServerNode
+from toolserver.manager.models import Ownership, ToolServerNode
+from toolserver.manager.sessions import SessionService
 from toolserver.manager.settings import load_settings
 from toolserver.manager.store import open_store
 from toolserver.runtimes.base import NodeSpec
@@ -41,7 +43,7 @@ async def _measure(ctx: Context, n: int, ticks: int) -> dict[str, Any]:
     sem = asyncio.Semaphore(START_CONCURRENCY)
 
     async def start_one() -> None:
-        record = ToolServerNode.new(settings.manager_id, "docker")
+        record = ToolServerNode.new(settings.manager_id, "docker", ownership=Ownership.SESSION)
         async with sem:
             info = await runtime.create(NodeSpec(record.short_id, settings.manager_id, record.secret))
             states.append(info.state)
@@ -54,7 +56,7 @@ async def _measure(ctx: Context, n: int, ticks: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         await asyncio.gather(*(start_one() for _ in range(n)))
         started_s = time.perf_counter() - t0
-        checker = NodeChecker(settings, store, runtime)
+        checker = NodeChecker(SessionService(settings, store, runtime, ActivityBuffer(store)))
         for _ in range(3):
             await checker.tick()
         tick_ms, list_ms = [], []

@@ -42,7 +42,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     activity = ActivityBuffer(store)
     sessions = SessionService(settings, store, runtime, activity)
     proxy = NodeProxy(sessions, activity, settings.node.request_timeout_seconds)
-    checker = NodeChecker(settings, store, runtime, activity=activity, busy=sessions.busy)
+    checker = NodeChecker(sessions, activity=activity)
     app.state.store, app.state.sessions, app.state.proxy, app.state.checker = store, sessions, proxy, checker
     activity.start()
     checker_task: asyncio.Task[None] | None = None
@@ -167,10 +167,17 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> ManagerApp
 
     @app.post("/get_cookie")
     async def get_cookie(request: Request) -> JSONResponse:
-        node = await request.app.state.sessions.create()
+        sessions = request.app.state.sessions
+        node = await sessions.create()
+        if await request.is_disconnected():  # nobody would get the cookie
+            log.info("client left during the create of node %s; removing it", node.short_id)
+            await sessions.discard(node)
+            return _error(503, "client disconnected")
         response = JSONResponse({"message": "add cookie", "version": settings.version})
         response.headers["Server"] = server_header
         response.set_cookie(COOKIE_NAME, node.id, httponly=True, samesite="lax")
+        # the record becomes the session's now, and the answer goes out with no I/O in between
+        await sessions.hand_over(node)
         return response
 
     @app.post("/reconnect_session")

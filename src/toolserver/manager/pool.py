@@ -12,6 +12,7 @@ import contextlib
 import logging
 
 from toolserver.errors import CapacityExceeded
+from toolserver.manager.models import Ownership
 from toolserver.manager.sessions import SessionService
 
 log = logging.getLogger(__name__)
@@ -75,5 +76,10 @@ class WarmPool:
         if release:
             nodes = await self.store.list_nodes(self.sessions.manager_id)
             await asyncio.gather(
-                *(self.sessions.release(n.id) for n in nodes if n.pooled), return_exceptions=True
+                *(
+                    self.sessions.remove(n, "warm pool closed")
+                    for n in nodes
+                    if n.ownership == Ownership.POOL
+                ),
+                return_exceptions=True,
             )

@@ -78,6 +78,9 @@ class Settings(EnvOverYamlSettings):
     port: int = Field(8080, ge=0, le=65535)
     manager_id: str = ""
     max_header_bytes: int = Field(16 * 1024, ge=1024)
+    database_outage_grace_seconds: float = Field(
+        60, ge=0, description="while the database is down, serve sessions whose route is known this long"
+    )
     node: NodeSettings = Field(default_factory=NodeSettings)
     redirect_to_node_path: RedirectPaths = Field(default_factory=RedirectPaths)
 
