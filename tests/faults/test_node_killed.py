@@ -86,12 +86,18 @@ def test_killed_node_answers_503_at_once_and_takes_its_jobs_along(tmp_path: Path
         caller.join(10)
         assert not caller.is_alive(), "the request under way hangs"
         assert in_flight[0] == 503 and in_flight[1] - killed < 1.0, in_flight
+        answers = []
         for _ in range(3):  # before and after the checker has seen the death
             started = time.monotonic()
             r = http.post("/execute_tool", json=CALC, headers=cookies, timeout=5)
+            answers.append(time.monotonic() - started)
             assert r.status_code == 503, r.text
-            assert time.monotonic() - started < 1.0
+            assert answers[-1] < 1.0
             time.sleep(TICK)
+        print(
+            f"\n[recovery] {tier} node killed: the request under way got 503 after "
+            f"{in_flight[1] - killed:.3f} s, new requests after {max(answers):.3f} s at most"
+        )
         if tier == "process":
             wait_until(
                 lambda: not _jobs_alive(manager, short_id), timeout=3 * TICK, what="the shell job gone"
