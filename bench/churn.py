@@ -4,7 +4,7 @@ A real manager subprocess (process runtime, checker every 0.5 s) serves three cl
 loop: ``/get_cookie``, three tool calls (calculator, shell ``echo``, a file write), ``/release_session``;
 a probe session sends a request every 0.25 s and reads its record back, measuring how far
 ``last_req_time`` lags behind its last request; the manager's RSS and open descriptors are sampled
-every 2 s (:func:`toolserver.soak.soak`). Drift compares the medians of the first and the last
+every 2 s (:func:`toolserver.testing.soak.soak`). Drift compares the medians of the first and the last
 quarter of the samples after a 15 s warm-up. The log is searched for error and warning lines.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from bench.common import Context, Figure, Outcome, at_most
 from bench.procs import Manager
-from toolserver.soak import soak
+from toolserver.testing.soak import soak
 
 NAME = "churn"
 TITLE = "Churn soak: sessions created, used and released"

@@ -23,18 +23,15 @@ import psutil
 import pytest
 
 from tests.support import (
-    NODE_IMAGE,
     ManagerProcess,
     docker_containers,
-    docker_unavailable_reason,
     docker_volumes,
     processes_under,
     wait_until,
 )
 from toolserver.runtimes.base import LABEL_MANAGER
+from toolserver.testing.tiers import Tier, tiers
 
-#: The runtime tiers this machine runs, in one place (a one-line change when the sandbox tier comes).
-TIERS = ("process", "docker")
 MARK_ENV = "TOOLSERVER_MARK_NODE"
 #: Checker interval of the fault managers: recovery is asserted within one interval of its bound.
 TICK = 0.5
@@ -46,29 +43,23 @@ def session_headers(node_id: str) -> dict[str, str]:
     return {"Cookie": f"node_id={node_id}"}
 
 
-def tier_params() -> list[Any]:
-    """``pytest.mark.parametrize`` values for the tiers (the Docker one marked ``docker``)."""
-    return [pytest.param(t, id=t, marks=[pytest.mark.docker] if t != "process" else []) for t in TIERS]
-
-
-def tier_config(tier: str) -> dict[str, Any]:
-    """Manager settings that run nodes on ``tier``; skips the test when the tier cannot run here."""
-    if tier == "process":
-        return {"runtime": "process", "node": {}}
-    reason = docker_unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    return {"runtime": "docker", "node": {"image": NODE_IMAGE}}
+def tier_params(*names: str) -> list[Any]:
+    """The tiers of :mod:`toolserver.testing.tiers` (those named, or all) as pytest params."""
+    return [t.param() for t in tiers() if not names or t.name in names]
 
 
 class FaultManager(ManagerProcess):
     """A manager on one tier that a test may kill -9 and start again (same config, data, database)."""
 
-    def __init__(self, root: Path, tier: str, **config: Any) -> None:
-        base = tier_config(tier)
-        node = {"health_check_interval": TICK, **base.pop("node"), **config.pop("node", {})}
-        super().__init__(root, **base, **config, node=node)
-        self.tier = tier
+    def __init__(self, root: Path, tier: Tier, **config: Any) -> None:
+        reason = tier.unavailable()
+        if reason:
+            pytest.skip(f"tier {tier.name}: {reason}")
+        node = {"health_check_interval": TICK, **config.pop("node", {})}
+        super().__init__(root, **tier.manager_config(), **config, node=node)
+        self.tier = tier.name
+        if tier.name not in ("process", "docker"):
+            raise NotImplementedError(f"the fault harness cannot look into tier {tier.name!r} yet")
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -167,7 +158,7 @@ def fault_managers(root: Path) -> Iterator[Callable[..., FaultManager]]:
     """Make FaultManagers under ``root``; on the way out remove whatever they left."""
     made: list[FaultManager] = []
 
-    def make(tier: str, start: bool = True, **config: Any) -> FaultManager:
+    def make(tier: Tier, start: bool = True, **config: Any) -> FaultManager:
         manager = FaultManager(root / f"manager{len(made)}", tier, **config)
         made.append(manager)
         return manager.start() if start else manager

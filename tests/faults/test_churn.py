@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.faults.harness import TICK, error_lines, fault_managers, recovered
-from toolserver.soak import soak
+from toolserver.testing.soak import soak
+from toolserver.testing.tiers import PROCESS
 
 SECONDS = 60
 #: the activity buffer's flush interval
@@ -19,7 +20,7 @@ FLUSH = 1.0
 
 def test_churn_soak(tmp_path: Path) -> None:
     with fault_managers(tmp_path) as make:
-        manager = make("process")
+        manager = make(PROCESS)
         report = soak(manager, SECONDS, clients=3)
         rss, fds = report.drift(warmup=15)
         print(

@@ -22,6 +22,7 @@ from tests.faults.harness import (
 )
 from tests.support import PostgresServer, wait_until
 from toolserver.client import ToolServerClient
+from toolserver.testing.tiers import PROCESS, Tier
 
 CREATES = {"process": 6, "docker": 4}
 #: creation_wait_seconds of these managers: the bound the issue sets on removing unfinished creates
@@ -60,10 +61,10 @@ def _routes(manager: FaultManager, node_id: str) -> bool:
     ("moment", "on_shutdown"),
     [("reserved", "stop"), ("starting", "keep"), ("answered", "keep"), ("answered", "stop")],
 )
-def test_kill_during_creates(tmp_path: Path, tier: str, moment: str, on_shutdown: str) -> None:
+def test_kill_during_creates(tmp_path: Path, tier: Tier, moment: str, on_shutdown: str) -> None:
     with fault_managers(tmp_path) as make:
         manager = make(tier, node={"on_shutdown": on_shutdown, "creation_wait_seconds": CREATION_WAIT})
-        n = CREATES[tier]
+        n = CREATES[tier.name]
         with ThreadPoolExecutor(n) as pool:
             futures = [pool.submit(_cookie, manager.url) for _ in range(n)]
             wait_until(_moment(manager, futures, moment), timeout=120, interval=0.005, what=moment)
@@ -74,7 +75,8 @@ def test_kill_during_creates(tmp_path: Path, tier: str, moment: str, on_shutdown
 
         manager.start()
         took = recovered(manager, within=RECOVERY)
-        print(f"\n[recovery] {tier} kill -9 at '{moment}': {len(answered)}/{n} answered, clean {took:.2f} s")
+        got = f"{len(answered)}/{n} answered"
+        print(f"\n[recovery] {tier.name} kill -9 at '{moment}': {got}, clean {took:.2f} s")
         assert sorted(r["id"] for r in manager.records()) == sorted(answered)
         assert all(_routes(manager, c) for c in answered), "a session a client received does not route"
 
@@ -94,7 +96,7 @@ def test_kill_with_live_sessions_every_session_routes_after_restart(tmp_path: Pa
     try:
         config = {"database_url": server.url} if server is not None else {}
         with fault_managers(tmp_path) as make:
-            manager = make("process", **config)
+            manager = make(PROCESS, **config)
             with ToolServerClient(manager.url) as client:
                 sessions = [client.get_cookie() for _ in range(3)]
                 for i, s in enumerate(sessions):
@@ -119,10 +121,10 @@ def test_restarting_one_worker_spares_the_creates_of_another(tmp_path: Path) -> 
     """Two processes serve one manager (one database, one manager id): killing and restarting one
     of them, whose checker then ticks at once, leaves the other's creates in flight alone."""
     with fault_managers(tmp_path) as make:
-        first = make("process")
-        second = make("process", start=False)
+        first = make(PROCESS)
+        second = make(PROCESS, start=False)
         second.share_with(first).start()
-        n = CREATES["process"]
+        n = CREATES[PROCESS.name]
         with ThreadPoolExecutor(n) as pool:
             futures = [pool.submit(_cookie, second.url) for _ in range(n)]
             wait_until(lambda: bool(first.records()), timeout=60, interval=0.005, what="creates under way")

@@ -26,6 +26,7 @@ from tests.faults.harness import (
     tier_params,
 )
 from tests.support import wait_until
+from toolserver.testing.tiers import Tier
 
 SHELL = "shell_command_executor"
 
@@ -55,7 +56,7 @@ def _kill_node(manager: FaultManager, short_id: str) -> None:
 
 
 @pytest.mark.parametrize("tier", tier_params())
-def test_killed_node_answers_503_at_once_and_takes_its_jobs_along(tmp_path: Path, tier: str) -> None:
+def test_killed_node_answers_503_at_once_and_takes_its_jobs_along(tmp_path: Path, tier: Tier) -> None:
     with fault_managers(tmp_path) as make:
         manager = make(tier)
         http = httpx.Client(base_url=manager.url, trust_env=False, timeout=30)
@@ -64,7 +65,7 @@ def test_killed_node_answers_503_at_once_and_takes_its_jobs_along(tmp_path: Path
         short_id = manager.node(cookie)["short_id"]
         job = {"tool_name": SHELL, "arguments": {"command": "sleep 300", "run_async": True}}
         assert http.post("/execute_tool", json=job, headers=cookies).status_code == 200
-        if tier == "process":  # the job holds nothing of the node server: no socket, no file
+        if tier.name == "process":  # the job holds nothing of the node server: no socket, no file
             server, sleeper = _node_server(manager, short_id), _job(manager, short_id)
             shared = set(fds_of(server.pid).values()) & set(fds_of(sleeper.pid).values())
             assert not shared, f"the shell job holds descriptors of the node server: {shared}"
@@ -95,10 +96,10 @@ def test_killed_node_answers_503_at_once_and_takes_its_jobs_along(tmp_path: Path
             assert answers[-1] < 1.0
             time.sleep(TICK)
         print(
-            f"\n[recovery] {tier} node killed: the request under way got 503 after "
+            f"\n[recovery] {tier.name} node killed: the request under way got 503 after "
             f"{in_flight[1] - killed:.3f} s, new requests after {max(answers):.3f} s at most"
         )
-        if tier == "process":
+        if tier.name == "process":
             wait_until(
                 lambda: not _jobs_alive(manager, short_id), timeout=3 * TICK, what="the shell job gone"
             )

@@ -24,6 +24,7 @@ from tests.faults.harness import (
     session_headers,
 )
 from tests.support import PostgresServer, wait_until
+from toolserver.testing.tiers import DOCKER, PROCESS
 
 REPO = Path(__file__).resolve().parents[2]
 READ = "FileSystemEnv_read_from_file"
@@ -64,7 +65,7 @@ def test_postgres_restart_under_live_sessions(tmp_path: Path) -> None:
     server.start()
     try:
         with fault_managers(tmp_path) as make:
-            manager = make("process", database_url=server.url, database_outage_grace_seconds=grace)
+            manager = make(PROCESS, database_url=server.url, database_outage_grace_seconds=grace)
             http = httpx.Client(base_url=manager.url, trust_env=False, timeout=30)
             known, unknown = _new_session(http), _new_session(http)
             assert _call(http, known).json() == 42  # this manager has read its route
@@ -98,7 +99,7 @@ def test_postgres_restart_under_live_sessions(tmp_path: Path) -> None:
 
 def test_sqlite_file_unwritable(tmp_path: Path) -> None:
     with fault_managers(tmp_path) as make:
-        manager = make("process")
+        manager = make(PROCESS)
         http = httpx.Client(base_url=manager.url, trust_env=False, timeout=30)
         a, b = _new_session(http), _new_session(http)
         assert _call(http, a).json() == 42 and _call(http, b).json() == 42
@@ -121,7 +122,7 @@ def test_sqlite_file_unwritable(tmp_path: Path) -> None:
 
 def test_data_directory_unwritable(tmp_path: Path) -> None:
     with fault_managers(tmp_path) as make:
-        manager = make("process")
+        manager = make(PROCESS)
         http = httpx.Client(base_url=manager.url, trust_env=False, timeout=30)
         a, b = _new_session(http), _new_session(http)
         short_b = manager.node(b)["short_id"]
@@ -167,7 +168,7 @@ def _start_dockerd() -> None:
 @pytest.mark.restarts_dockerd
 def test_dockerd_restart_under_live_sessions(tmp_path: Path) -> None:
     with fault_managers(tmp_path) as make:
-        manager: FaultManager = make("docker", node={"creation_wait_seconds": 60})
+        manager: FaultManager = make(DOCKER, node={"creation_wait_seconds": 60})
         daemon = _dockerd()
         if daemon is None:
             pytest.skip("dockerd does not run as a local process here; it cannot be restarted")

@@ -22,8 +22,8 @@ from toolserver.manager.models import Ownership, ToolServerNode, utcnow
 from toolserver.manager.sessions import SessionService
 from toolserver.manager.settings import Settings, load_settings
 from toolserver.manager.store import Store, open_store, this_process
-from toolserver.runtimes.base import NodeSpec
-from toolserver.runtimes.process import ProcessRuntime
+from toolserver.runtimes import create_runtime
+from toolserver.runtimes.base import NodeSpec, Runtime
 from toolserver.states import NodeStatus
 from toolserver.testing import scratch_config
 
@@ -44,10 +44,10 @@ def _record(manager_id: str, status: str, ownership: Ownership, **fields: Any) -
 
 
 @pytest.fixture
-async def parts(tmp_path: Path) -> AsyncIterator[tuple[Settings, Store, ProcessRuntime]]:
+async def parts(tmp_path: Path) -> AsyncIterator[tuple[Settings, Store, Runtime]]:
     settings = load_settings(None, **scratch_config(tmp_path), manager_id="worker-test")
     store = await open_store(settings.database_url)
-    runtime = ProcessRuntime(settings)
+    runtime = create_runtime(settings.runtime_config, settings.runtime_context())
     try:
         yield settings, store, runtime
     finally:
@@ -55,13 +55,13 @@ async def parts(tmp_path: Path) -> AsyncIterator[tuple[Settings, Store, ProcessR
         await store.aclose()
 
 
-def _checker(settings: Settings, store: Store, runtime: ProcessRuntime) -> NodeChecker:
+def _checker(settings: Settings, store: Store, runtime: Runtime) -> NodeChecker:
     activity = ActivityBuffer(store)
     return NodeChecker(SessionService(settings, store, runtime, activity), activity=activity)
 
 
 async def test_tick_removes_creates_whose_process_is_gone_and_spares_live_ones(
-    parts: tuple[Settings, Store, ProcessRuntime],
+    parts: tuple[Settings, Store, Runtime],
 ) -> None:
     settings, store, runtime = parts
     soon = utcnow() + timedelta(seconds=60)
@@ -106,7 +106,7 @@ async def test_tick_tolerates_a_record_released_under_it(tmp_path: Path) -> None
     settings = load_settings(None, **scratch_config(tmp_path), manager_id="vanish-test")
     store = VanishingStore(settings.database_url)
     await store.migrate()
-    runtime = ProcessRuntime(settings)
+    runtime = create_runtime(settings.runtime_config, settings.runtime_context())
     try:
         nodes = [_record(settings.manager_id, NodeStatus.NEW, Ownership.SESSION) for _ in range(3)]
         for node in nodes:
