@@ -77,17 +77,22 @@ async def test_tick_removes_creates_whose_process_is_gone_and_spares_live_ones(
         settings.manager_id, NodeStatus.NEW, Ownership.STARTING, creator=this_process(), deadline=utcnow()
     )
     vanished = _record(settings.manager_id, NodeStatus.RUNNING, Ownership.SESSION)
-    for node in (live, cut, late, vanished):
+    # cut short between making its directory and writing its mark: the runtime does not list it
+    halfway = _record(settings.manager_id, NodeStatus.NEW, Ownership.STARTING, creator=_dead_process())
+    for node in (live, cut, late, vanished, halfway):
         await store.add_node(node)
     for node in (live, cut):
         await runtime.create(NodeSpec(node.short_id, settings.manager_id, node.secret))
+    debris = settings.data_dir / "nodes" / halfway.short_id
+    debris.mkdir(parents=True)
 
     report = await _checker(settings, store, runtime).tick()
 
-    assert sorted(report.removed) == sorted([cut.id, late.id])
+    assert sorted(report.removed) == sorted([cut.id, late.id, halfway.id])
     assert report.deleted == [vanished.id]
     assert {n.id for n in await store.list_nodes(settings.manager_id)} == {live.id}
     assert {i.node_id for i in await runtime.list(settings.manager_id)} == {live.short_id}
+    assert not debris.exists()
 
 
 class VanishingStore(Store):

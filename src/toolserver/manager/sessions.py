@@ -423,7 +423,7 @@ class SessionService:
                 )
                 node.ownership = Ownership.RELEASING
             self.activity.forget(node.id)
-            state = state or node.runtime_state
+            state = state or node.runtime_state or {"node_id": node.short_id}  # a create cut short
             killed = False
             try:
                 with contextlib.suppress(NodeNotFound):

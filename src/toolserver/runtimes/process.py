@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -61,6 +62,8 @@ HEALTH_TIMEOUT = 1.0
 EXIT_STATUS_WAIT = 1.0
 #: Age after which a node directory without a mark counts as the debris of an interrupted create.
 DEBRIS_AGE = 60.0
+#: What a node id (the record's short id, a directory name) may look like.
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 def bound_socket(host: str = "127.0.0.1") -> socket.socket:
@@ -151,10 +154,14 @@ class ProcessRuntime(Runtime):
     # ---- files --------------------------------------------------------------------------------------
 
     def _dir(self, state: dict[str, Any]) -> Path:
-        try:
+        """The node's directory: the state's ``dir``, or ``<root>/<node_id>`` for a state that only
+        names the node (a create cut short before it could report one)."""
+        if state.get("dir"):
             return Path(state["dir"])
-        except KeyError:
-            raise NodeNotFound("runtime state has no node directory") from None
+        node_id = str(state.get("node_id") or "")
+        if _NODE_ID.fullmatch(node_id):
+            return self.root / node_id
+        raise NodeNotFound("runtime state has no node directory")
 
     @staticmethod
     def _read_mark(node_dir: Path) -> dict[str, Any] | None:
