@@ -123,7 +123,8 @@ class SessionService:
             return route
         try:
             if self._database_down is not None and now < self._database_down[0]:
-                raise self._database_down[1]  # do not queue every request behind a dead connection
+                # do not queue every request behind a dead connection
+                raise DatabaseUnavailable(str(self._database_down[1]))
             pending = self._lookups.get(node_id)
             if pending is None:
                 pending = asyncio.ensure_future(self._load_route(node_id))
@@ -445,8 +446,7 @@ class SessionService:
 
     async def remove_remains(self, state: dict[str, Any], short_id: str, why: str) -> None:
         """Remove what the runtime still holds of a node that has no record (any more)."""
-        async with self._busy(short_id):
-            await self._kill_and_remove(state)
+        await self._kill_and_remove(state)
         log.info("node %s: removed what the runtime held (%s)", short_id, why)
 
     async def _kill_and_remove(self, state: dict[str, Any]) -> None:
