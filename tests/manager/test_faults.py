@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.support import inprocess_manager, node_processes
+from toolserver.errors import RuntimeUnavailable
 from toolserver.runtimes.base import STARTING, NodeInfo
 from toolserver.runtimes.process import ProcessRuntime
 
@@ -98,3 +99,35 @@ async def test_failed_start_is_logged(tmp_path: Path, caplog: pytest.LogCaptureF
         assert (await http.post("/get_cookie")).status_code == 503
     failed = [r for r in caplog.records if "failed to start" in r.getMessage()]
     assert failed and failed[0].levelname == "WARNING" and "exit code 3" in failed[0].getMessage()
+
+
+class GoneDuringStartRuntime(ProcessRuntime):
+    """Creates real nodes, then loses its backend: start and removal fail until ``back`` is set."""
+
+    back = False
+
+    async def start(self, state: dict[str, Any]) -> NodeInfo:
+        raise RuntimeUnavailable("backend went away")
+
+    async def remove(self, state: dict[str, Any]) -> None:
+        if not self.back:
+            raise RuntimeUnavailable("backend went away")
+        await super().remove(state)
+
+
+async def test_a_failed_start_that_cannot_be_cleaned_up_yet_is_cleaned_up_later(tmp_path: Path) -> None:
+    async with (
+        inprocess_manager(tmp_path, GoneDuringStartRuntime) as (url, app),
+        httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as http,
+    ):
+        r = await http.post("/get_cookie")
+        assert r.status_code == 503 and "runtime unavailable" in r.json()["detail"]
+        store, manager_id = app.state.store, app.state.settings.manager_id
+        [record] = await store.list_nodes(manager_id)
+        assert record.ownership == "releasing"  # not left starting until its deadline
+        app.state.sessions.runtime.back = True
+        for _ in range(100):  # the checker ticks every 0.1 s
+            await asyncio.sleep(0.05)
+            if not await store.list_nodes(manager_id):
+                break
+        await _no_leftovers(tmp_path, app)

@@ -312,19 +312,31 @@ class SessionService:
             delay = min(delay * 1.5, READY_POLL_MAX)
 
     async def _discard(self, node: ToolServerNode, state: dict[str, Any]) -> None:
-        """Remove a node whose create or hand-over failed; what cannot be removed now the checker
-        removes later (its record stays ``starting`` until its deadline)."""
-        try:
-            if state:
-                await self._kill_and_remove(state)
-        except Exception as exc:
-            log.warning("could not remove node %s after a failed start: %s", node.short_id, exc)
-            return
+        """Remove a node whose create or hand-over failed, and its record. What the runtime cannot
+        remove now (Docker going down, say) the checker removes once it can: the record becomes
+        ``releasing`` (or, when even that cannot be written, stays ``starting`` until its deadline)."""
         self.activity.forget(node.id)
         try:
+            try:
+                if state:
+                    await self._kill_and_remove(state)
+            except Exception as exc:
+                log.warning(
+                    "node %s: removing it after a failed start failed (%s); retrying later",
+                    node.short_id,
+                    exc,
+                )
+                await self.store.update_node(
+                    node.id,
+                    ownership=Ownership.RELEASING,
+                    creator=None,
+                    deadline=None,
+                    detail=f"removal pending: {exc}",
+                )
+                return
             await self.store.delete_nodes([node.id])
         except DatabaseUnavailable as exc:
-            log.warning("could not delete the record of node %s after a failed start: %s", node.short_id, exc)
+            log.warning("node %s: its record stays until its deadline (%s)", node.short_id, exc)
 
     # ---- a session's node ---------------------------------------------------------------------------
 
