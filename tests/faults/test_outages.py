@@ -202,10 +202,10 @@ def test_dockerd_restart_under_live_sessions(tmp_path: Path) -> None:
         for i, node_id in enumerate(sessions):
             assert http.post("/reconnect_session", headers=session_headers(node_id)).status_code == 200
             assert f"kept {i}" in _call(http, node_id, read).text  # the workspace survived
-        extra = _new_session(http)
+        extra = [_new_session(http)]
         if during.status_code == 200:  # created just before the daemon went: a session like the others
-            sessions.append(during.cookies["node_id"])
-        for node_id in [*sessions, extra]:
+            extra.append(during.cookies["node_id"])
+        for node_id in [*sessions, *extra]:
             assert http.post("/release_session", headers=session_headers(node_id)).status_code == 200
         recovered(manager, within=TICK * 2)
         log = manager.log()
