@@ -95,21 +95,23 @@ async def test_tick_removes_creates_whose_process_is_gone_and_spares_live_ones(
     assert not debris.exists()
 
 
-class VanishingStore(Store):
-    """Deletes one record right after the checker has read them (another process's release)."""
+class ChangingStore(Store):
+    """Changes one record right after the checker has read them, as another process would:
+    deletes it (a release) or, with ``hand_over``, hands it over."""
 
     victim: str | None = None
+    hand: bool = False
 
     async def list_nodes(self, manager_id: str) -> list[ToolServerNode]:
         nodes = await super().list_nodes(manager_id)
         if self.victim is not None:
-            await self.delete_nodes([self.victim])
+            await (self.hand_over(self.victim) if self.hand else self.delete_nodes([self.victim]))
         return nodes
 
 
 async def test_tick_tolerates_a_record_released_under_it(tmp_path: Path) -> None:
     settings = load_settings(None, **scratch_config(tmp_path), manager_id="vanish-test")
-    store = VanishingStore(settings.database_url)
+    store = ChangingStore(settings.database_url)
     await store.migrate()
     runtime = create_runtime(settings.runtime_config, settings.runtime_context())
     try:
@@ -133,6 +135,30 @@ async def test_tick_tolerates_a_record_released_under_it(tmp_path: Path) -> None
         store.victim = None
         report = await checker.tick()  # the vanished record's node is an orphan now
         assert report.orphans == [nodes[0].short_id] and report.errors == 0
+    finally:
+        await runtime.aclose()
+        await store.aclose()
+
+
+async def test_tick_leaves_a_create_handed_over_under_it(tmp_path: Path) -> None:
+    settings = load_settings(None, **scratch_config(tmp_path), manager_id="handover-test")
+    store = ChangingStore(settings.database_url)
+    await store.migrate()
+    runtime = create_runtime(settings.runtime_config, settings.runtime_context())
+    try:
+        # past its deadline (its creator slow, on another host say), handed over after the read
+        late = _record(settings.manager_id, NodeStatus.CREATED, Ownership.STARTING, deadline=utcnow())
+        await store.add_node(late)
+        info = await runtime.create(NodeSpec(late.short_id, settings.manager_id, late.secret))
+        await store.update_node(late.id, runtime_state=info.state)
+        store.victim, store.hand = late.id, True
+
+        report = await _checker(settings, store, runtime).tick()
+
+        assert report.removed == [] and report.errors == 0
+        [kept] = await store.list_nodes(settings.manager_id)
+        assert kept.ownership == Ownership.SESSION
+        assert [i.node_id for i in await runtime.list(settings.manager_id)] == [late.short_id]
     finally:
         await runtime.aclose()
         await store.aclose()

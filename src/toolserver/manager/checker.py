@@ -192,12 +192,13 @@ class NodeChecker:
                     await self.sessions.stop_idle(node)
                     report.stopped.append(node.id)
                 elif action.kind == "release":
-                    await self.sessions.remove(node, action.why)
-                    report.released.append(node.id)
+                    if await self.sessions.remove(node, action.why):
+                        report.released.append(node.id)
                 elif action.kind == "remove":
                     log.info("checker: removing node %s: %s", node.short_id, action.why)
-                    await self.sessions.remove(node, action.why, action.info.state if action.info else None)
-                    report.removed.append(node.id)
+                    state = action.info.state if action.info else None
+                    if await self.sessions.remove(node, action.why, state):
+                        report.removed.append(node.id)
                 else:  # "remains": the record is already deleted; remove what the node left behind
                     await self.sessions.remove_remains(node.runtime_state, node.short_id, action.why)
                 self._failing.discard((node.id, action.kind))

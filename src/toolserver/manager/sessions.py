@@ -420,20 +420,22 @@ class SessionService:
         await self.remove(node, "released")
         return node
 
-    async def remove(self, node: ToolServerNode, why: str, state: dict[str, Any] | None = None) -> None:
+    async def remove(self, node: ToolServerNode, why: str, state: dict[str, Any] | None = None) -> bool:
         """Kill and remove ``node`` and everything the runtime made for it, then delete its record.
 
         Used for a session's release and by the checker (long-stopped nodes, creates that never
         finished, releases cut short), which passes the runtime's ``state`` when it has a fresher
         one than the record (a create cut short before writing it). The record is marked
-        ``releasing`` first: when that write fails nothing has changed yet; after it, whatever
-        stops the removal (a runtime error, a crash) leaves a record the checker finishes.
+        ``releasing`` first, if it is still owned as ``node`` says (else it changed hands meanwhile,
+        a hand-over say, and is left alone): when that write fails nothing has changed yet; after
+        it, whatever stops the removal (a runtime error, a crash) leaves a record the checker
+        finishes. Returns whether it removed the node.
         """
         async with self._busy(node.id):
             if node.ownership != Ownership.RELEASING:
-                await self.store.update_node(
-                    node.id, ownership=Ownership.RELEASING, creator=None, deadline=None
-                )
+                if not await self.store.mark_releasing(node.id, node.ownership):
+                    log.info("node %s changed hands meanwhile; not removing it (%s)", node.short_id, why)
+                    return False
                 node.ownership = Ownership.RELEASING
             self.activity.forget(node.id)
             state = state or node.runtime_state or {"node_id": node.short_id}  # a create cut short
@@ -455,6 +457,7 @@ class SessionService:
                 ) from exc
             await self.store.delete_nodes([node.id])
         log.info("node %s removed (%s)", node.short_id, why)
+        return True
 
     async def remove_remains(self, state: dict[str, Any], short_id: str, why: str) -> None:
         """Remove what the runtime still holds of a node that has no record (any more)."""

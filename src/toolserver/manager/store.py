@@ -246,6 +246,17 @@ class Store:
         async with self._write() as s:
             return bool((await s.execute(q)).rowcount)
 
+    async def mark_releasing(self, node_id: str, ownership: str) -> bool:
+        """Make a record ``releasing`` if it is still ``ownership``; False when it changed (a
+        hand-over won the race, say) or is gone."""
+        q = (
+            update(ToolServerNode)
+            .where(ToolServerNode.id == node_id, ToolServerNode.ownership == ownership)
+            .values(ownership=Ownership.RELEASING, creator=None, deadline=None)
+        )
+        async with self._write() as s:
+            return bool((await s.execute(q)).rowcount)
+
     async def update_node(self, node_id: str, **fields: Any) -> None:
         await self.update_nodes({node_id: fields})
 
