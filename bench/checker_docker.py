@@ -1,8 +1,9 @@
 """Benchmark 4b: the checker's tick with real Docker nodes (50 containers of the node image).
 
 No double here: the Docker runtime starts N real containers, their records go into a real SQLite
-store, and ``NodeChecker.tick()`` is timed as the manager runs it (one labelled list call to the
-Engine per tick, the records read and mirrored). The reference is the Engine's list call alone.
+store, and ``NodeChecker.tick()`` is timed as the manager runs it (one labelled container list
+and one dangling-volume list to the Engine per tick, the records read and mirrored). The reference
+is the Engine's container list call alone.
 """
 
 from __future__ import annotations

@@ -93,8 +93,10 @@ class NodeChecker:
         started = time.perf_counter()
         report = TickReport()
         # runtime first, records second: a node that appears in the list always has its record by then
-        infos = {i.node_id: i for i in await self.runtime.list(self.manager_id)}
-        leftovers = await self.runtime.leftovers(self.manager_id)
+        listed, leftovers = await asyncio.gather(
+            self.runtime.list(self.manager_id), self.runtime.leftovers(self.manager_id)
+        )
+        infos = {i.node_id: i for i in listed}
         if self.activity is not None:
             await self.activity.flush()
         records = await self.store.list_nodes(self.manager_id)
