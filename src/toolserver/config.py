@@ -29,8 +29,10 @@ def describe_validation_error(exc: ValidationError) -> str:
     """One line naming every bad key (dotted) and what is wrong with it; values are not echoed."""
     parts = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(root)"
-        if err["type"] == "extra_forbidden":
+        key = ".".join(str(p) for p in err["loc"])
+        if not key:  # a check across keys: its message says which
+            parts.append(err["msg"].removeprefix("Value error, "))
+        elif err["type"] == "extra_forbidden":
             parts.append(f"unknown key '{key}'")
         else:
             parts.append(f"'{key}': {err['msg']}")
