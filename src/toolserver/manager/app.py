@@ -194,7 +194,10 @@ class ManagerApp(FastAPI):
         methods = self.forwarded.get(path) if kind == "http" else None
         if methods is None:
             if kind == "http" and (path in self.body_limited or path.startswith("/admin/")):
-                body = await limited_body(receive, self.body_limit)
+                try:
+                    body = await limited_body(receive, self.body_limit)
+                except ConnectionResetError:
+                    return None  # nobody is left to answer
                 if body is None:
                     detail = f"request body larger than {self.body_limit} bytes (limits.body_bytes)"
                     return await send_json(send, 413, {"detail": detail}, [(b"connection", b"close")])

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import Request
+from starlette.requests import Request
 
 from toolserver.errors import NotAuthenticated, NotYourSession
 from toolserver.manager.models import ApiKey, utcnow

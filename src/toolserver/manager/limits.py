@@ -199,12 +199,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
 
 async def limited_body(receive: Any, limit: int) -> bytes | None:
-    """The whole request body, or None as soon as it grows past ``limit`` bytes."""
+    """The whole request body, or None as soon as it grows past ``limit`` bytes.
+
+    ConnectionResetError when the client goes away before the body is complete.
+    """
     chunks, size = [], 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return b"".join(chunks)
+            raise ConnectionResetError("the client went away before its request body was complete")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:

@@ -29,7 +29,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from toolserver.manager.models import STOPPED_STATUSES
@@ -42,6 +49,7 @@ PROXY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 
 class Metrics:
     def __init__(self) -> None:
+        disable_created_metrics()  # no "_created" twin of every counter: half the text, nothing lost
         r = self.registry = CollectorRegistry()
         self.sessions = Gauge(
             "toolserver_sessions", "Sessions by status and owner", ["status", "owner"], registry=r
