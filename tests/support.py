@@ -29,6 +29,7 @@ __all__ = [
     "docker_unavailable_reason",
     "docker_volumes",
     "free_port",
+    "fuzz_settings",
     "http_ok",
     "inprocess_manager",
     "marked_processes",
@@ -146,3 +147,16 @@ def check_fuzzed_answer(case: Any, response: Any, may_fail: Callable[[Any], bool
     if status >= 500:
         assert str(status) in documented, f"undocumented {where}"
         assert status in (503, 504) or (may_fail is not None and may_fail(response)), where
+
+
+def fuzz_settings(max_examples: int) -> Any:
+    """Hypothesis settings of the fuzzing tests: bounded, no example database, no deadline."""
+    from hypothesis import HealthCheck, Phase, settings
+
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )

@@ -127,7 +127,7 @@ def test_admin_api_and_metrics(manager_factory: Callable[..., ManagerProcess]) -
         assert http.post("/release_session", headers={**theirs_cookie, **bearer(admin)}).status_code == 200
 
         schema = http.get("/openapi.json", headers=bearer(admin)).json()
-        assert {"/admin/sessions", "/admin/sessions/{short_id}/release", "/admin/drain", "/metrics"} <= set(
+        assert {"/admin/sessions", "/admin/sessions/{short_id}/{action}", "/admin/drain", "/metrics"} <= set(
             schema["paths"]
         )
         body = schema["paths"]["/get_cookie"]["post"]["requestBody"]["content"]["application/json"]["schema"]

@@ -8,9 +8,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, settings
 
-from tests.support import ManagerProcess, check_fuzzed_answer
+from tests.support import ManagerProcess, check_fuzzed_answer, fuzz_settings
 
 pytestmark = pytest.mark.slow
 
@@ -55,13 +54,7 @@ def test_the_schema_is_the_one_served(fuzzed_manager: tuple[ManagerProcess, str]
 
 
 @schema.parametrize()
-@settings(
-    max_examples=15,
-    deadline=None,
-    database=None,
-    phases=[Phase.explicit, Phase.generate],
-    suppress_health_check=list(HealthCheck),
-)
+@fuzz_settings(15)
 def test_the_manager_api_fuzzed(case: schemathesis.Case, fuzzed_manager: tuple[ManagerProcess, str]) -> None:
     manager, key = fuzzed_manager
     response = case.call(base_url=manager.url, headers={"Authorization": f"Bearer {key}"}, timeout=90)

@@ -16,10 +16,9 @@ from typing import Any
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, Phase, settings
 from schemathesis.config import SchemathesisConfig
 
-from tests.support import check_fuzzed_answer
+from tests.support import check_fuzzed_answer, fuzz_settings
 
 from .conftest import SECRET, Node
 
@@ -100,26 +99,14 @@ def _tool_failure(response: Any) -> bool:
 
 
 @schema.parametrize()
-@settings(
-    max_examples=25,
-    deadline=None,
-    database=None,
-    phases=[Phase.explicit, Phase.generate],
-    suppress_health_check=list(HealthCheck),
-)
+@fuzz_settings(25)
 def test_the_node_api_fuzzed(case: schemathesis.Case, fuzzed_node: Node) -> None:
     response = case.call(base_url=fuzzed_node.url, headers={"X-ToolServer-Node-Secret": SECRET}, timeout=60)
     check_fuzzed_answer(case, response, may_fail=_tool_failure if case.path == "/execute_tool" else None)
 
 
 @schema.include(path="/execute_tool").parametrize()
-@settings(
-    max_examples=100,
-    deadline=None,
-    database=None,
-    phases=[Phase.explicit, Phase.generate],
-    suppress_health_check=list(HealthCheck),
-)
+@fuzz_settings(100)
 def test_the_tools_fuzzed(case: schemathesis.Case, fuzzed_node: Node) -> None:
     """More examples for /execute_tool: one body per tool, so each tool gets a share."""
     response = case.call(base_url=fuzzed_node.url, headers={"X-ToolServer-Node-Secret": SECRET}, timeout=60)

@@ -7,7 +7,7 @@ caller counts as an admin (anyone who reaches a loopback port could do all of th
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
@@ -172,22 +172,19 @@ async def get_session(request: Request, short_id: str, caller: Admin) -> dict[st
     return {**info, "events": [event_json(e) for e in events]}
 
 
-@router.post("/admin/sessions/{short_id}/stop", response_model=Detail, responses=NOT_FOUND, tags=["admin"])
-async def stop_session(request: Request, short_id: str, caller: Admin) -> dict[str, str]:
-    """Stop the session's node; its owner can reconnect it."""
+@router.post(
+    "/admin/sessions/{short_id}/{action}", response_model=Detail, responses=NOT_FOUND, tags=["admin"]
+)
+async def act_on_session(
+    request: Request, short_id: str, action: Literal["stop", "release"], caller: Admin
+) -> dict[str, str]:
+    """``stop`` the session's node (its owner can reconnect it), or ``release`` it: kill and remove
+    the node and delete its record."""
     sessions = _sessions(request)
     node = await sessions.by_short_id(short_id, caller)
-    await sessions.close_node(node, f"by admin {caller.name}")
-    return {"detail": f"stopped session {node.short_id}"}
-
-
-@router.post("/admin/sessions/{short_id}/release", response_model=Detail, responses=NOT_FOUND, tags=["admin"])
-async def release_session(request: Request, short_id: str, caller: Admin) -> dict[str, str]:
-    """Kill and remove the session's node and delete its record."""
-    sessions = _sessions(request)
-    node = await sessions.by_short_id(short_id, caller)
-    await sessions.release_node(node, f"by admin {caller.name}")
-    return {"detail": f"released session {node.short_id}"}
+    act = sessions.close_node if action == "stop" else sessions.release_node
+    await act(node, f"by admin {caller.name}")
+    return {"detail": f"{'stopped' if action == 'stop' else 'released'} session {node.short_id}"}
 
 
 @router.get("/admin/pool", response_model=PoolState, tags=["admin"])

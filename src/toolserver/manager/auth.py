@@ -34,6 +34,7 @@ from typing import Any, Literal
 from starlette.requests import Request
 
 from toolserver.errors import NotAuthenticated, NotYourSession
+from toolserver.manager.lookups import shared_lookup
 from toolserver.manager.models import ApiKey, utcnow
 from toolserver.manager.settings import Settings
 from toolserver.manager.store import KeyQuota, Store
@@ -165,12 +166,7 @@ class KeyRing:
             )
         entry = self._cache.get(token)
         if entry is None or entry.until < self.clock():
-            pending = self._lookups.get(token)
-            if pending is None:
-                pending = asyncio.ensure_future(self._load(token))
-                self._lookups[token] = pending
-                pending.add_done_callback(lambda _: self._lookups.pop(token, None))
-            entry = await asyncio.shield(pending)
+            entry = await shared_lookup(self._lookups, token, lambda: self._load(token))
         if entry.caller is None:
             raise NotAuthenticated(entry.reason)
         return entry.caller

@@ -31,6 +31,7 @@ from toolserver.errors import (
 from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.auth import ANONYMOUS, Caller
 from toolserver.manager.events import SessionEvents
+from toolserver.manager.lookups import shared_lookup
 from toolserver.manager.metrics import Metrics
 from toolserver.manager.models import STOPPED_STATUSES, ToolServerNode, utcnow
 from toolserver.manager.settings import Settings
@@ -125,12 +126,7 @@ class SessionService:
         route = self._routes.get(node_id)
         if route is not None and route.expires >= time.monotonic():
             return route
-        pending = self._lookups.get(node_id)
-        if pending is None:
-            pending = asyncio.ensure_future(self._load_route(node_id))
-            self._lookups[node_id] = pending
-            pending.add_done_callback(lambda _: self._lookups.pop(node_id, None))
-        route = await asyncio.shield(pending)
+        route = await shared_lookup(self._lookups, node_id, lambda: self._load_route(node_id))
         if route is None:
             raise InvalidSession(f"invalid node_id: {node_id}")
         return route
