@@ -56,7 +56,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics: Metrics = app.state.metrics
     store = await open_store(settings.database_url)
-    runtime: Runtime = app.state.runtime or create_runtime(settings)
+    runtime: Runtime = app.state.runtime or create_runtime(
+        settings.runtime_config, settings.runtime_context()
+    )
+    if settings.ignored_keys:
+        log.warning(
+            "%s: not settings of the %s runtime, ignored", ", ".join(settings.ignored_keys), runtime.name
+        )
     activity = ActivityBuffer(store)
     keyring = KeyRing(store, settings) if settings.auth == "api_keys" else None
     events = SessionEvents(store, keyring.name_of if keyring else lambda owner: owner or "-")
