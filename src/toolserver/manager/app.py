@@ -313,7 +313,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> ManagerApp
     app.add_exception_handler(RuntimeBackendError, runtime_error(503, "runtime error: {exc}"))
     app.add_exception_handler(NodeStartError, runtime_error(503))
 
-    sessions_of = lambda request: request.app.state.sessions  # noqa: E731
+    def sessions_of(request: Request) -> SessionService:
+        return request.app.state.sessions  # type: ignore[no-any-return]
+
     CallerDep = Depends(current_caller)
 
     @app.get("/alive", tags=["sessions"])

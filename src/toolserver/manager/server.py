@@ -24,8 +24,7 @@ def uvicorn_config(settings: Settings, log_level: str = "info") -> uvicorn.Confi
         ws="none",
         server_header=False,
         proxy_headers=False,
-        timeout_keep_alive=int(limits.keep_alive_seconds) or 1,
-        h11_max_incomplete_event_size=limits.header_bytes,
+        timeout_keep_alive=limits.keep_alive_seconds,  # type: ignore[arg-type]  # a float works
         timeout_graceful_shutdown=10,
     )
 
