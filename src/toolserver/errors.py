@@ -19,7 +19,6 @@
     ├── AccessError                 the caller may not make this request
     │   ├── NotAuthenticated        no API key, or an unknown, revoked or expired one (401)
     │   └── AdminRequired           an admin route called with a user key (403)
-    ├── RequestTooLarge             a request body over limits.body_bytes (413)
     ├── ToolError                   raised inside a node while running a tool
     │   ├── ToolNotFound            no tool by that name (404)
     │   ├── ToolArgumentError       arguments fail the tool's schema (422)
@@ -107,10 +106,6 @@ class NotAuthenticated(AccessError):
 
 class AdminRequired(AccessError):
     """The route needs an admin key."""
-
-
-class RequestTooLarge(ToolServerError):
-    """A request body is larger than the route accepts."""
 
 
 class ToolError(ToolServerError):
