@@ -97,7 +97,7 @@ async def test_failed_start_is_logged(tmp_path: Path, caplog: pytest.LogCaptureF
         httpx.AsyncClient(base_url=url, trust_env=False, timeout=30) as http,
     ):
         assert (await http.post("/get_cookie")).status_code == 503
-    failed = [r for r in caplog.records if "failed to start" in r.getMessage()]
+    failed = [r for r in caplog.records if getattr(r, "event", None) == "failed"]
     assert failed and failed[0].levelname == "WARNING" and "exit code 3" in failed[0].getMessage()
 
 

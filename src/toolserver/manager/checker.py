@@ -14,11 +14,12 @@ are no error. The loop runs while its NodeChecker record exists.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -54,6 +55,9 @@ class TickReport:
     orphans: list[str] = field(default_factory=list)
     errors: int = 0
     seconds: float = 0.0
+    #: session events the tick saw: (node, kind, detail), kind "died" (the session service records
+    #: the closes and releases it is asked for)
+    events: list[tuple[ToolServerNode, str, str | None]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,8 @@ class NodeChecker:
         #: (node, action) pairs whose failure was logged already: said once, not every tick
         self._failing: set[tuple[str, str]] = set()
         self._skipping: str | None = None
+        #: awaited with the report of every tick the loop runs (metrics, session events)
+        self.on_tick: Callable[[TickReport], Awaitable[None]] | None = None
 
     # ---- one tick -----------------------------------------------------------------------------------
 
@@ -153,13 +159,17 @@ class NodeChecker:
             actions.append(_Action("remove", node, "finishing its release", info))
             return
         if info is None:
-            log.info("checker: node %s no longer exists; deleting its record", node.short_id)
+            log.debug("checker: node %s no longer exists; deleting its record", node.short_id)
             report.deleted.append(node.id)
             actions.append(_Action("remains", node, "its node vanished"))
+            if not node.pooled:
+                report.events.append((node, "died", "the node no longer exists"))
             return
         fields: dict[str, Any] = {}
         if info.status != node.status:
-            log.info("checker: node %s status %s -> %s", node.short_id, node.status, info.status)
+            log.debug("checker: node %s status %s -> %s", node.short_id, node.status, info.status)
+            if info.status in STOPPED_STATUSES and node.status not in STOPPED_STATUSES and not node.pooled:
+                report.events.append((node, "died", info.detail or f"status {info.status}"))
             fields.update(status=info.status, status_changed_at=now, detail=info.detail)
             node.status_changed_at = now
         if info.health != node.health:
@@ -181,17 +191,17 @@ class NodeChecker:
         elif info.status in STOPPED_STATUSES and now - node.status_changed_at >= timedelta(
             minutes=cfg.idling_release_minutes
         ):
-            actions.append(
-                _Action("release", node, f"stopped since {node.status_changed_at:%Y-%m-%d %H:%M:%S}")
-            )
+            since = node.status_changed_at.isoformat(timespec="seconds")
+            actions.append(_Action("release", node, f"stopped since {since}Z"))
 
     async def _act(self, action: _Action, report: TickReport) -> None:
         node = action.node
         async with self._limit:
             try:
                 if action.kind == "stop":
-                    log.info("checker: stopping node %s, idle since %s", node.short_id, node.last_req_time)
-                    await self.sessions.stop_idle(node)
+                    log.debug("checker: stopping node %s, idle since %s", node.short_id, node.last_req_time)
+                    idle = self.settings.node.idling_close_minutes
+                    await self.sessions.close_node(node, f"idle for {idle:g} min (node.idling_close_minutes)")
                     report.stopped.append(node.id)
                 elif action.kind == "release":
                     if await self.sessions.remove(node, action.why):
@@ -283,7 +293,9 @@ class NodeChecker:
                 if not await self.store.heartbeat_checker(self.manager_id, self.pid):
                     log.info("checker: NodeChecker record deleted; stopping")
                     return
-                await self.tick()  # each error is logged where it happens
+                report = await self.tick()  # each error is logged where it happens
+                if self.on_tick is not None:
+                    await self.on_tick(report)
                 if self._skipping is not None:
                     log.info("checker: ticking again after the %s", self._skipping)
                     self._skipping = None
@@ -296,20 +308,27 @@ class NodeChecker:
                 self._skipping = what
             except Exception:
                 log.exception("checker: tick failed")
+                if self.on_tick is not None:
+                    with contextlib.suppress(Exception):
+                        await self.on_tick(TickReport(errors=1))
             await asyncio.sleep(interval)
 
 
 def run_standalone(settings: Settings) -> int:
     """``toolserver checker``: the same loop, in its own process."""
+    from toolserver.logs import configure_logging
+    from toolserver.manager.events import SessionEvents, tick_observer
     from toolserver.manager.store import open_store
     from toolserver.runtimes import create_runtime
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("info", settings.log_format)
 
     async def main() -> int:
         store = await open_store(settings.database_url)
         runtime = create_runtime(settings.runtime_config, settings.runtime_context())
-        checker = NodeChecker(SessionService(settings, store, runtime, ActivityBuffer(store)))
+        events = SessionEvents(store, lambda owner: owner or "-")
+        checker = NodeChecker(SessionService(settings, store, runtime, ActivityBuffer(store), events=events))
+        checker.on_tick = tick_observer(events)
         try:
             if not await checker.register():
                 log.error("a checker for manager %s is already running", settings.manager_id)

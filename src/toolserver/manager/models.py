@@ -1,4 +1,5 @@
-"""Database records: ToolServerNode and NodeChecker, with the seed's fields, names and defaults.
+"""Database records: ToolServerNode and NodeChecker, with the seed's fields, names and defaults,
+plus ApiKey (who may use the manager) and SessionEvent (what happened to a session).
 
 Times are naive UTC (portable between SQLite and PostgreSQL).
 
@@ -23,7 +24,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, Integer, String, Text, false
+from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from toolserver.states import STOPPED_STATUSES, NodeHealth, NodeStatus
@@ -86,6 +87,10 @@ class ToolServerNode(Base):
     )
     creator: Mapped[str | None] = mapped_column(String(255), nullable=True, default=None)
     deadline: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, default=None)
+    #: The id of the API key that opened the session; None with ``auth: none`` and for pool nodes.
+    owner: Mapped[str | None] = mapped_column(String(32), nullable=True, default=None, index=True)
+    #: The session's labels (``/get_cookie`` body), string to string.
+    labels: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True, default=dict)
 
     @classmethod
     def new(
@@ -109,6 +114,8 @@ class ToolServerNode(Base):
             "ownership": Ownership.STARTING,
             "creator": None,
             "deadline": None,
+            "owner": None,
+            "labels": {},
         }
         return cls(**(values | fields))
 
@@ -131,12 +138,56 @@ class NodeChecker(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
 
 
+class ApiKey(Base):
+    """An API key. ``id`` is the key's visible prefix; only a SHA-256 of the whole key is stored."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), index=True)
+    scope: Mapped[str] = mapped_column(String(16), default="user")
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, default=None)
+    #: Quotas; None takes the manager's ``quotas`` default, 0 means no limit.
+    max_sessions: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
+    starts_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
+
+    def __repr__(self) -> str:
+        return f"<ApiKey {self.id} {self.name!r} {self.scope}>"
+
+
+class SessionEvent(Base):
+    """One thing that happened to a session: created, claimed, reconnected, closed, released, died, ...
+
+    New-session events (:data:`START_EVENTS`) of a key are what ``starts_per_minute`` counts.
+    """
+
+    __tablename__ = "session_events"
+    __table_args__ = (Index("ix_session_events_owner_at", "owner", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    short_id: Mapped[str] = mapped_column(String(32), index=True)
+    owner: Mapped[str | None] = mapped_column(String(32), nullable=True, default=None)
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True, default=None)
+
+
+#: Events that start a new session (counted by the ``starts_per_minute`` quota).
+START_EVENTS = ("created", "claimed")
+
+
 __all__ = [
+    "START_EVENTS",
     "STATUS_CREATED",
     "STOPPED_STATUSES",
+    "ApiKey",
     "Base",
     "NodeChecker",
     "Ownership",
+    "SessionEvent",
     "ToolServerNode",
     "new_token",
     "utcnow",

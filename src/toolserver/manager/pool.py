@@ -75,11 +75,5 @@ class WarmPool:
                 await self._task
         if release:
             nodes = await self.store.list_nodes(self.sessions.manager_id)
-            await asyncio.gather(
-                *(
-                    self.sessions.remove(n, "warm pool closed")
-                    for n in nodes
-                    if n.ownership == Ownership.POOL
-                ),
-                return_exceptions=True,
-            )
+            ready = [n for n in nodes if n.ownership == Ownership.POOL]  # not another process's starts
+            await asyncio.gather(*(self.sessions.release_node(n) for n in ready), return_exceptions=True)

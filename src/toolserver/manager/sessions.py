@@ -1,7 +1,10 @@
 """Session lifecycle: create a node for a session, hand it over, reconnect, close, release, remove.
 
 This is the one place that decides what each change to a node does; the checker calls it too.
-A record is inserted ``starting``, owned by this process until a deadline (see
+Every operation on an existing session checks that the caller may act on it (its owner, or an
+admin key); a new session is checked against node.max_nodes and the caller's quotas in the same
+locked transaction that inserts its record (:meth:`Store.admit_node`). A record is inserted
+``starting``, owned by this process until a deadline (see
 :class:`~toolserver.manager.models.Ownership`), and becomes the session's only in
 :meth:`SessionService.hand_over`, just before the answer carrying its cookie goes out.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -21,15 +25,23 @@ from typing import Any
 from toolserver.errors import (
     CapacityExceeded,
     DatabaseUnavailable,
+    Draining,
     InvalidSession,
     NodeNotFound,
     NodeStartError,
+    QuotaExceeded,
     RuntimeBackendError,
+    UnknownSession,
 )
 from toolserver.manager.activity import ActivityBuffer
+from toolserver.manager.auth import ANONYMOUS, Caller
+from toolserver.manager.events import SessionEvents
+from toolserver.manager.lookups import shared_lookup
+from toolserver.manager.metrics import Metrics
 from toolserver.manager.models import Ownership, ToolServerNode, utcnow
 from toolserver.manager.settings import Settings
-from toolserver.manager.store import Store, this_process
+from toolserver.manager.store import START_WINDOW, Admission, Store, this_process
+from toolserver.protocol import RETRY_AFTER_SECONDS, SessionOptions
 from toolserver.runtimes.base import NodeInfo, NodeSpec, Runtime
 from toolserver.states import STOPPED_STATUSES, NodeHealth, NodeStatus
 
@@ -67,6 +79,7 @@ class Route:
     secret: str
     #: monotonic time the record was read
     loaded: float
+    owner: str | None = None
 
     @property
     def expires(self) -> float:
@@ -88,22 +101,37 @@ def info_fields(info: NodeInfo) -> dict[str, Any]:
 class SessionService:
     """Owns every change a session (or the checker) makes to nodes and their records."""
 
-    def __init__(self, settings: Settings, store: Store, runtime: Runtime, activity: ActivityBuffer) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        runtime: Runtime,
+        activity: ActivityBuffer,
+        *,
+        events: SessionEvents | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.runtime = runtime
         self.activity = activity
+        self.events = events or SessionEvents(store, lambda owner: owner or "-")
+        self.metrics = metrics or Metrics()
         self.manager_id = settings.manager_id
         #: this process, as the ``creator`` of the records it starts
         self.creator = this_process()
         #: the bound of a whole create: the runtime's create and start, then the readiness wait
         self.create_timeout = settings.node.creation_wait_seconds + runtime.start_budget
+        #: while True, new sessions are refused (existing ones keep working)
+        self.draining = False
+        #: new sessions of this process that found the warm pool empty
+        self.pool_misses = 0
         #: node ids in the middle of an operation; the checker leaves them alone.
         self.busy: set[str] = set()
         self._capacity = asyncio.Lock()
         self._routes: dict[str, Route] = {}
         self._lookups: dict[str, asyncio.Future[Route | None]] = {}
-        self._database_down: tuple[float, DatabaseUnavailable] | None = None
+        self._database_down: tuple[float, str] | None = None
         #: called after every warm-pool claim attempt (the pool refills itself)
         self.on_claim: Callable[[], None] | None = None
 
@@ -124,16 +152,11 @@ class SessionService:
         try:
             if self._database_down is not None and now < self._database_down[0]:
                 # do not queue every request behind a dead connection
-                raise DatabaseUnavailable(str(self._database_down[1]))
-            pending = self._lookups.get(node_id)
-            if pending is None:
-                pending = asyncio.ensure_future(self._load_route(node_id))
-                self._lookups[node_id] = pending
-                pending.add_done_callback(lambda _: self._lookups.pop(node_id, None))
-            found = await asyncio.shield(pending)
+                raise DatabaseUnavailable(self._database_down[1])
+            found = await shared_lookup(self._lookups, node_id, lambda: self._load_route(node_id))
         except DatabaseUnavailable as exc:
             if self._database_down is None or now >= self._database_down[0]:
-                self._database_down = (time.monotonic() + DATABASE_RETRY_SECONDS, exc)
+                self._database_down = (time.monotonic() + DATABASE_RETRY_SECONDS, str(exc))
             if route is not None and now - route.loaded <= self.settings.database_outage_grace_seconds:
                 return route
             raise
@@ -146,19 +169,19 @@ class SessionService:
         node = await self.store.get_node(node_id)
         now = time.monotonic()
         if len(self._routes) > ROUTE_CACHE_PRUNE_AT:
-            keep = self.settings.database_outage_grace_seconds
-            self._routes = {k: r for k, r in self._routes.items() if now - r.loaded <= max(keep, ROUTE_TTL)}
+            keep = max(self.settings.database_outage_grace_seconds, ROUTE_TTL)
+            self._routes = {k: r for k, r in self._routes.items() if now - r.loaded <= keep}
         if node is None or node.ownership != Ownership.SESSION:  # only a handed-over cookie routes
             self._routes.pop(node_id, None)
             return None
-        route = Route(node.id, node.short_id, node.status, node.ip, node.port, node.secret, now)
+        route = Route(node.id, node.short_id, node.status, node.ip, node.port, node.secret, now, node.owner)
         self._routes[node_id] = route
         return route
 
     def forget_route(self, node_id: str) -> None:
         self._routes.pop(node_id, None)
 
-    # ---- creating -----------------------------------------------------------------------------------
+    # ---- lifecycle ----------------------------------------------------------------------------------
 
     @asynccontextmanager
     async def _busy(self, node_id: str) -> AsyncIterator[None]:
@@ -169,51 +192,105 @@ class SessionService:
             self.busy.discard(node_id)
             self.forget_route(node_id)
 
-    def _full(self, live: int) -> CapacityExceeded:
+    def _refusal(self, admission: Admission, caller: Caller) -> CapacityExceeded:
+        """The error for a refused new session, naming the limit or quota that refused it."""
+        quota = caller.quota
+        self.metrics.quota_refusals.labels(admission.refused_by or "max_nodes").inc()
+        if admission.refused_by == "max_sessions" and quota is not None:
+            return QuotaExceeded(
+                f"API key {caller.name!r} already has {admission.owned} live sessions (quota max_sessions = "
+                f"{quota.max_sessions}); release or close one, or retry later",
+                "max_sessions",
+                RETRY_AFTER_SECONDS,
+            )
+        if admission.refused_by == "starts_per_minute" and quota is not None:
+            oldest = admission.oldest_start or utcnow()
+            wait = max(1, math.ceil((oldest + START_WINDOW - utcnow()).total_seconds()))
+            return QuotaExceeded(
+                f"API key {caller.name!r} started {admission.starts} sessions in the last minute (quota "
+                f"starts_per_minute = {quota.starts_per_minute}); retry in {wait} s",
+                "starts_per_minute",
+                wait,
+            )
         limit = self.settings.node.max_nodes
         return CapacityExceeded(
-            f"this manager already runs {live} nodes (node.max_nodes = {limit}); "
-            "release a session or retry later"
+            f"this manager already runs {admission.live} nodes (node.max_nodes = {limit}); "
+            "release a session or retry later",
+            RETRY_AFTER_SECONDS,
         )
 
-    async def _check_capacity(self) -> None:
-        """CapacityExceeded when node.max_nodes nodes are live; call it holding ``self._capacity``."""
+    async def _check_capacity(self, node: ToolServerNode, caller: Caller) -> None:
+        """CapacityExceeded when node.max_nodes nodes are live, QuotaExceeded when the caller's key
+        has max_sessions live sessions; call it holding ``self._capacity``."""
         live = await self.store.count_live_nodes(self.manager_id)
+        quota = caller.quota if caller.key_id is not None and caller.key_id == node.owner else None
+        owned = await self.store.count_live_owned(quota.key_id) if quota and quota.max_sessions else 0
+        refused = None
         if live >= self.settings.node.max_nodes:
-            raise self._full(live)
+            refused = "max_nodes"
+        elif quota and quota.max_sessions and owned >= quota.max_sessions:
+            refused = "max_sessions"
+        if refused:
+            raise self._refusal(Admission(False, live, owned, refused_by=refused), caller)
 
     def _deadline(self, seconds: float) -> datetime:
         return utcnow() + timedelta(seconds=seconds + HANDOVER_SECONDS)
 
-    async def _reserve(self, pooled: bool = False) -> ToolServerNode:
-        """Insert a ``starting`` record unless the manager is at node.max_nodes (atomic across processes)."""
+    async def _reserve(self, pooled: bool, caller: Caller, labels: dict[str, str] | None) -> ToolServerNode:
+        """Insert a new record unless the manager is at node.max_nodes or the caller at a quota
+        (atomic across processes)."""
         node = ToolServerNode.new(
             self.manager_id,
             self.runtime.name,
             pooled=pooled,
+            owner=caller.key_id,
+            labels=labels or {},
             creator=self.creator,
             deadline=self._deadline(self.create_timeout),
         )
         async with self._capacity:  # within this process, callers queue here rather than in the database
-            live = await self.store.add_node_within(node, self.settings.node.max_nodes)
-        if live >= self.settings.node.max_nodes:
-            raise self._full(live)
+            admission = await self.store.admit_node(node, self.settings.node.max_nodes, caller.quota)
+        if not admission.admitted:
+            raise self._refusal(admission, caller)
         return node
 
-    async def create(self) -> ToolServerNode:
-        """A ready node for a new session, still ``starting``: hand it over with :meth:`hand_over`.
-
-        A ready warm-pool node if there is one, else a cold start.
-        """
+    async def create(
+        self, caller: Caller = ANONYMOUS, options: SessionOptions | None = None
+    ) -> ToolServerNode:
+        """A ready node for a new session of ``caller``, still ``starting``: hand it over with
+        :meth:`hand_over`. A ready warm-pool node if there is one, else a cold start. Draining,
+        QuotaExceeded or CapacityExceeded when none may start now."""
+        if self.draining:
+            raise Draining("this manager is draining: it takes no new sessions (use another manager)")
+        options = options or SessionOptions()
+        started = time.monotonic()
         if self.settings.node.warm_pool_size > 0:
             health = NodeHealth.HEALTHY if self.settings.node.health_check else None
-            node = await self.store.claim_pooled(self.manager_id, health, self.creator, self._deadline(0))
+            node, admission = await self.store.claim_pooled(
+                self.manager_id,
+                health,
+                creator=self.creator,
+                deadline=self._deadline(0),
+                owner=caller.key_id,
+                labels=options.labels,
+                quota=caller.quota,
+            )
             if self.on_claim is not None:
                 self.on_claim()
+            if not admission.admitted:
+                raise self._refusal(admission, caller)
             if node is not None:
-                log.info("node %s claimed from the warm pool", node.short_id)
+                seconds = time.monotonic() - started
+                self.metrics.session_started("pool", seconds)
+                self.events.log(node, "claimed", f"warm pool, {seconds:.2f} s")
                 return node
-        return await self.start_node()
+            self.pool_misses += 1
+            self.metrics.pool_misses.inc()
+        node = await self.start_node(caller=caller, labels=options.labels)
+        seconds = time.monotonic() - started
+        self.metrics.session_started("cold", seconds)
+        self.events.log(node, "created", f"cold start, {seconds:.2f} s")
+        return node
 
     async def hand_over(self, node: ToolServerNode) -> None:
         """Make ``node`` its session's, right before the answer with its cookie goes out.
@@ -237,14 +314,16 @@ class SessionService:
         """Remove a node no client received and its record (a client that left during its create)."""
         await self._discard(node, node.runtime_state)
 
-    async def start_node(self, pooled: bool = False) -> ToolServerNode:
+    async def start_node(
+        self, pooled: bool = False, caller: Caller = ANONYMOUS, labels: dict[str, str] | None = None
+    ) -> ToolServerNode:
         """Create, start and wait for a new node; on any failure nothing is left behind.
 
         The whole of it is bounded by ``create_timeout`` (the runtime's start budget plus
         ``node.creation_wait_seconds``). A pool node joins the pool once ready; a session's stays
         ``starting`` until :meth:`hand_over`.
         """
-        node = await self._reserve(pooled)
+        node = await self._reserve(pooled, caller, labels)
         async with self._busy(node.id):
             state: dict[str, Any] = {}
             try:
@@ -259,10 +338,12 @@ class SessionService:
             except BaseException as exc:
                 await asyncio.shield(self._discard(node, state))
                 error = self._start_error(node, exc)
-                if error is None:
-                    raise
-                log.warning("node %s failed to start: %s", node.short_id, error)
-                if error is exc:
+                if error is not None and not pooled:
+                    reason = str(error) or type(error).__name__
+                    await self.events.record(node, "failed", reason, level=logging.WARNING)
+                if isinstance(error, NodeStartError | RuntimeBackendError):
+                    self.metrics.runtime_errors.labels(type(error).__name__).inc()
+                if error is None or error is exc:
                     raise
                 raise error from exc
             fields = info_fields(info)
@@ -273,7 +354,7 @@ class SessionService:
             )
             node.status, node.health, node.ip, node.port = info.status, info.health, info.host, info.port
             node.runtime_state = info.state
-            log.info("node %s ready at %s:%s", node.short_id, info.host, info.port)
+            log.debug("node %s ready at %s:%s", node.short_id, info.host, info.port)
             return node
 
     def _start_error(self, node: ToolServerNode, exc: BaseException) -> Exception | None:
@@ -338,24 +419,37 @@ class SessionService:
         except DatabaseUnavailable as exc:
             log.warning("node %s: its record stays until its deadline (%s)", node.short_id, exc)
 
-    # ---- a session's node ---------------------------------------------------------------------------
-
-    async def _node(self, node_id: str | None, *, releasing: bool = False) -> ToolServerNode:
-        """The session's record; InvalidSession for an unknown cookie, or one never handed over."""
+    async def session(
+        self, node_id: str | None, caller: Caller = ANONYMOUS, *, releasing: bool = False
+    ) -> ToolServerNode:
+        """The record of the session with cookie ``node_id``: InvalidSession when there is none (or
+        its cookie was never handed over; with ``releasing``, a release under way counts),
+        NotYourSession when it belongs to another key."""
         node_id = _checked_token(node_id)
         node = await self.store.get_node(node_id)
         allowed = (Ownership.SESSION, Ownership.RELEASING) if releasing else (Ownership.SESSION,)
         if node is None or node.ownership not in allowed:
             raise InvalidSession(f"invalid node_id: {node_id}")
+        caller.check_owner(node.owner)
         return node
 
-    async def reconnect(self, node_id: str | None) -> ToolServerNode:
+    async def by_short_id(self, short_id: str, caller: Caller = ANONYMOUS) -> ToolServerNode:
+        """The session with ``short_id`` (admin API); UnknownSession or NotYourSession."""
+        node = await self.store.get_node_by_short_id(short_id) if len(short_id) <= 32 else None
+        if node is None or node.manager_id != self.manager_id:
+            raise UnknownSession(f"no session {short_id!r} on this manager")
+        caller.check_owner(node.owner)
+        return node
+
+    async def reconnect(self, node_id: str | None, caller: Caller = ANONYMOUS) -> ToolServerNode:
         """Restart the session's node (workspace kept) and wait until it serves again."""
-        node = await self._node(node_id)
+        return await self.reconnect_node(await self.session(node_id, caller), caller)
+
+    async def reconnect_node(self, node: ToolServerNode, caller: Caller = ANONYMOUS) -> ToolServerNode:
         async with self._busy(node.id):
             if node.status in STOPPED_STATUSES:
                 async with self._capacity:
-                    await self._check_capacity()
+                    await self._check_capacity(node, caller)
                     await self.store.update_node(
                         node.id, status=NodeStatus.RESTARTING, status_changed_at=utcnow()
                     )
@@ -378,26 +472,24 @@ class SessionService:
                     detail=str(exc),
                     status_changed_at=utcnow(),
                 )
+                await self.events.record(node, "failed", f"reconnect: {exc}", level=logging.WARNING)
                 raise
             await self.store.update_node(
                 node.id, **info_fields(info), status_changed_at=utcnow(), last_req_time=utcnow()
             )
-            log.info("node %s reconnected", node.short_id)
+            await self.events.record(node, "reconnected")
             return node
 
-    async def close(self, node_id: str | None) -> ToolServerNode:
+    async def close(self, node_id: str | None, caller: Caller = ANONYMOUS) -> ToolServerNode:
         """Stop the session's node; its record stays, and reconnect starts it again."""
-        node = await self._node(node_id)
+        return await self.close_node(await self.session(node_id, caller))
+
+    async def close_node(self, node: ToolServerNode, detail: str | None = None) -> ToolServerNode:
         async with self._busy(node.id):
-            await self._stop(node)
+            await self._stop(node, detail)
         return node
 
-    async def stop_idle(self, node: ToolServerNode) -> None:
-        """Stop a node nobody used for node.idling_close_minutes (the checker)."""
-        async with self._busy(node.id):
-            await self._stop(node, detail="stopped: idle")
-
-    async def _stop(self, node: ToolServerNode, detail: str | None = None) -> None:
+    async def _stop(self, node: ToolServerNode, detail: str | None = None, event: bool = True) -> None:
         with contextlib.suppress(NodeNotFound):
             await self.runtime.stop(node.runtime_state, self.settings.node.stop_grace_seconds)
         await self.store.update_node(
@@ -405,22 +497,28 @@ class SessionService:
             status=NodeStatus.EXITED,
             health=NodeHealth.UNHEALTHY,
             status_changed_at=utcnow(),
-            **({"detail": detail} if detail else {}),
+            **({"detail": f"stopped: {detail}"} if detail else {}),
         )
-        log.info("node %s stopped%s", node.short_id, f" ({detail})" if detail else "")
+        if event:
+            await self.events.record(node, "closed", detail)
 
-    async def release(self, node_id: str | None) -> ToolServerNode:
+    async def release(self, node_id: str | None, caller: Caller = ANONYMOUS) -> ToolServerNode:
         """Kill and remove the session's node and delete its record.
 
         When the runtime cannot remove it all (an unwritable data directory, Docker down), the
         runtime's error is raised and the record stays as ``releasing``: the checker finishes the
         removal once the runtime allows it, and a second release retries at once.
         """
-        node = await self._node(node_id, releasing=True)
-        await self.remove(node, "released")
+        return await self.release_node(await self.session(node_id, caller, releasing=True))
+
+    async def release_node(self, node: ToolServerNode, detail: str | None = None) -> ToolServerNode:
+        """:meth:`remove` a session's (or a pool's) node, recording its ``released`` event."""
+        await self.remove(node, detail)
         return node
 
-    async def remove(self, node: ToolServerNode, why: str, state: dict[str, Any] | None = None) -> bool:
+    async def remove(
+        self, node: ToolServerNode, detail: str | None = None, state: dict[str, Any] | None = None
+    ) -> bool:
         """Kill and remove ``node`` and everything the runtime made for it, then delete its record.
 
         Used for a session's release and by the checker (long-stopped nodes, creates that never
@@ -429,12 +527,14 @@ class SessionService:
         ``releasing`` first, if it is still owned as ``node`` says (else it changed hands meanwhile,
         a hand-over say, and is left alone): when that write fails nothing has changed yet; after
         it, whatever stops the removal (a runtime error, a crash) leaves a record the checker
-        finishes. Returns whether it removed the node.
+        finishes. Records the ``released`` event of a session's node (``failed`` for a create that
+        never finished). Returns whether it removed the node.
         """
+        was = node.ownership
         async with self._busy(node.id):
-            if node.ownership != Ownership.RELEASING:
-                if not await self.store.mark_releasing(node.id, node.ownership):
-                    log.info("node %s changed hands meanwhile; not removing it (%s)", node.short_id, why)
+            if was != Ownership.RELEASING:
+                if not await self.store.mark_releasing(node.id, was):
+                    log.info("node %s changed hands meanwhile; not removing it", node.short_id)
                     return False
                 node.ownership = Ownership.RELEASING
             self.activity.forget(node.id)
@@ -456,7 +556,14 @@ class SessionService:
                     "allows (repeating the release is safe)"
                 ) from exc
             await self.store.delete_nodes([node.id])
-        log.info("node %s removed (%s)", node.short_id, why)
+        if node.pooled:
+            log.debug("pool node %s removed", node.short_id)
+        elif was == Ownership.STARTING:
+            await self.events.record(
+                node, "failed", detail or "its create never finished", level=logging.WARNING
+            )
+        else:
+            await self.events.record(node, "released", detail)
         return True
 
     async def remove_remains(self, state: dict[str, Any], short_id: str, why: str) -> None:
@@ -492,7 +599,7 @@ class SessionService:
                     if node is None:
                         await self.runtime.stop(info.state, self.settings.node.stop_grace_seconds)
                     else:
-                        await self._stop(node)
+                        await self._stop(node, "manager shutdown", event=not node.pooled)
                 except Exception:
                     log.exception("could not stop node %s", info.node_id)
 

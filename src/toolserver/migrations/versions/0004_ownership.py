@@ -2,15 +2,15 @@
 
 Records made before this migration were handed to their sessions (or sit in the warm pool).
 
-Revision ID: 0003_ownership
-Revises: 0002
+Revision ID: 0004_ownership
+Revises: 0003_keys
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003_ownership"
-down_revision = "0002"
+revision = "0004_ownership"
+down_revision = "0003_keys"
 branch_labels = None
 depends_on = None
 
