@@ -77,7 +77,10 @@ def test_kill_during_creates(tmp_path: Path, tier: Tier, moment: str, on_shutdow
         took = recovered(manager, within=RECOVERY)
         got = f"{len(answered)}/{n} answered"
         print(f"\n[recovery] {tier.name} kill -9 at '{moment}': {got}, clean {took:.2f} s")
-        assert sorted(r["id"] for r in manager.records()) == sorted(answered)
+        records = {r["id"]: r for r in manager.records()}
+        lost = [c[:8] for c in answered if c not in records]
+        unowned = [(k[:8], r["short_id"], r["ownership"]) for k, r in records.items() if k not in answered]
+        assert not lost and not unowned, f"lost {lost}, unowned {unowned}\n{manager.tail(60)}"
         assert all(_routes(manager, c) for c in answered), "a session a client received does not route"
 
         assert manager.stop()
