@@ -15,12 +15,14 @@ import sqlite3
 import stat
 import subprocess
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
+import yaml
 
 from tests.support import (
     ManagerProcess,
@@ -57,6 +59,10 @@ class FaultManager(ManagerProcess):
             pytest.skip(f"tier {tier.name}: {reason}")
         node = {"health_check_interval": TICK, **config.pop("node", {})}
         super().__init__(root, **tier.manager_config(), **config, node=node)
+        # a manager id no other test here or elsewhere on the machine uses: "test-<port>" is
+        # reused when a killed manager's port is picked again, and Docker labels are machine-wide
+        self.config["manager_id"] = f"fault-{uuid.uuid4().hex[:10]}"
+        self.config_path.write_text(yaml.safe_dump(self.config))
         self.tier = tier.name
         if tier.name not in ("process", "docker"):
             raise NotImplementedError(f"the fault harness cannot look into tier {tier.name!r} yet")

