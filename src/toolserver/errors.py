@@ -11,6 +11,7 @@
     ├── DatabaseUnavailable         the records' database cannot be reached (503, retry later)
     ├── SessionError                a session request cannot be served
     │   ├── InvalidSession          missing/unknown node_id
+    │   ├── InvalidRequest          a bad parameter of a session route (422)
     │   └── CapacityExceeded        node.max_nodes reached
     ├── ToolError                   raised inside a node while running a tool
     │   ├── ToolNotFound            no tool by that name (404)
@@ -59,6 +60,10 @@ class SessionError(ToolServerError):
 
 class InvalidSession(SessionError):
     """The node_id is missing or unknown."""
+
+
+class InvalidRequest(SessionError):
+    """A session route got a parameter it cannot use; the message says which and why."""
 
 
 class CapacityExceeded(SessionError):

@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Cookie, FastAPI, Request
+from fastapi import Cookie, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 
 from toolserver.errors import (
     CapacityExceeded,
     DatabaseUnavailable,
+    InvalidRequest,
     InvalidSession,
     NodeNotFound,
     NodeStartError,
@@ -25,9 +26,11 @@ from toolserver.errors import (
 from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.checker import NodeChecker
 from toolserver.manager.proxy import NodeProxy, send_json
+from toolserver.manager.session_list import list_sessions, parse_label_filters
 from toolserver.manager.sessions import SessionService
 from toolserver.manager.settings import Settings
 from toolserver.manager.store import open_store
+from toolserver.manager.ws_proxy import WebSocketProxy
 from toolserver.protocol import COOKIE_NAME, RETRY_AFTER_SECONDS
 from toolserver.runtimes import Runtime, create_runtime
 
@@ -44,6 +47,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     proxy = NodeProxy(sessions, activity, settings.node.request_timeout_seconds)
     checker = NodeChecker(settings, store, runtime, activity=activity, busy=sessions.busy)
     app.state.store, app.state.sessions, app.state.proxy, app.state.checker = store, sessions, proxy, checker
+    app.state.ws_proxy = WebSocketProxy(proxy)
+    app.state.activity = activity
     activity.start()
     checker_task: asyncio.Task[None] | None = None
     if settings.builtin_monitor:
@@ -109,8 +114,11 @@ class ManagerApp(FastAPI):
     forwarded: dict[str, frozenset[str]] = {}
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        methods = self.forwarded.get(scope["path"]) if scope["type"] == "http" else None
-        if methods is None:
+        kind = scope["type"]
+        methods = self.forwarded.get(scope["path"]) if kind in ("http", "websocket") else None
+        if kind == "websocket" and methods is not None and "GET" in methods:
+            await self.state.ws_proxy.forward(scope, receive, send)
+        elif methods is None or kind == "websocket":
             await super().__call__(scope, receive, send)
         elif scope["method"] in methods:
             await self.state.proxy.forward(scope, receive, send)
@@ -145,6 +153,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> ManagerApp
     async def _database(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
         return _error(503, str(exc), **{"Retry-After": str(RETRY_AFTER_SECONDS)})
 
+    @app.exception_handler(InvalidRequest)
+    async def _bad_request(_: Request, exc: InvalidRequest) -> JSONResponse:
+        return _error(422, str(exc))
+
     @app.exception_handler(NodeNotFound)
     async def _gone(_: Request, exc: NodeNotFound) -> JSONResponse:
         return _error(503, f"node is gone: {exc}; release the session and get a new cookie")
@@ -172,6 +184,17 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> ManagerApp
         response.headers["Server"] = server_header
         response.set_cookie(COOKIE_NAME, node.id, httponly=True, samesite="lax")
         return response
+
+    @app.get("/sessions")
+    async def sessions_route(
+        request: Request,
+        label: list[str] = Query(default=[], description="key=value; a session must carry every one"),
+    ) -> JSONResponse:
+        state = request.app.state
+        answer = await list_sessions(
+            state.store, state.activity, settings.manager_id, parse_label_filters(label)
+        )
+        return JSONResponse(answer)
 
     @app.post("/reconnect_session")
     async def reconnect_session(request: Request, node_id: str | None = Cookie(None)) -> str:

@@ -9,6 +9,7 @@ forwarded; the node's secret is added.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Iterable
@@ -19,7 +20,7 @@ from multidict import CIMultiDict
 
 from toolserver.errors import DatabaseUnavailable, InvalidSession
 from toolserver.manager.activity import ActivityBuffer
-from toolserver.manager.sessions import SessionService
+from toolserver.manager.sessions import Route, SessionService
 from toolserver.protocol import COOKIE_NAME, RETRY_AFTER_SECONDS, SECRET_HEADER
 from toolserver.runtimes.base import RUNNING
 
@@ -97,6 +98,23 @@ class NodeProxy:
     async def aclose(self) -> None:
         await self.client.close()
 
+    async def route(self, node_id: str | None, send: Any) -> Route | None:
+        """The running node of the session ``node_id``, its activity touched; else the error answer
+        is sent and None returned."""
+        try:
+            route = await self.sessions.route(node_id)
+        except InvalidSession as exc:
+            return await send_json(send, 403, {"detail": str(exc)})
+        except DatabaseUnavailable as exc:
+            retry = [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())]
+            return await send_json(send, 503, {"detail": str(exc)}, retry)
+        if route.status != RUNNING:
+            return await send_json(
+                send, 503, {"detail": f"node is not running: {route.short_id} ({route.status})"}
+            )
+        self.activity.touch(route.node_id)
+        return route
+
     async def forward(self, scope: Scope, receive: Any, send: Any) -> None:
         headers: CIMultiDict[str] = CIMultiDict()
         node_id = None
@@ -115,26 +133,18 @@ class NodeProxy:
             elif name == b"content-length":
                 length = int(value) if value.isdigit() else 0
             headers.add(raw_name.decode("latin-1"), value)
-        try:
-            route = await self.sessions.route(node_id)
-        except InvalidSession as exc:
-            return await send_json(send, 403, {"detail": str(exc)})
-        except DatabaseUnavailable as exc:
-            retry = [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())]
-            return await send_json(send, 503, {"detail": str(exc)}, retry)
-        if route.status != RUNNING:
-            return await send_json(
-                send, 503, {"detail": f"node is not running: {route.short_id} ({route.status})"}
-            )
-        self.activity.touch(route.node_id)
+        route = await self.route(node_id, send)
+        if route is None:
+            return None
         headers[SECRET_HEADER] = route.secret
         if scope.get("client"):
             headers["X-Forwarded-For"] = scope["client"][0]
         url = f"http://{route.host}:{route.port}{scope['path']}"
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
+        streamed_body = chunked or length > SMALL_BODY
         try:
-            if chunked or length > SMALL_BODY:
+            if streamed_body:
                 data: Any = _body(receive)  # streamed, never held in memory
             else:  # a small body goes out in one write with the request head
                 data = await _read_all(receive) if length else None
@@ -158,9 +168,23 @@ class NodeProxy:
             await send({"type": "http.response.start", "status": resp.status, "headers": out})
             if small:
                 return await send({"type": "http.response.body", "body": body})
-            async for chunk in resp.content.iter_chunked(CHUNK):
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
+            # a streamed answer (command output, say) may outlive its client: stop reading it then,
+            # so that the node sees the client go. (A streamed request body still uses ``receive``.)
+            gone = None if streamed_body else asyncio.ensure_future(_disconnected(receive))
+            if gone is not None:
+                gone.add_done_callback(lambda done: done.cancelled() or resp.close())
+            try:
+                async for chunk in resp.content.iter_chunked(CHUNK):
+                    self.activity.touch(route.node_id)  # a long stream keeps its session active
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            except aiohttp.ClientError:
+                if gone is not None and gone.done():
+                    return None  # the client went away: nobody to answer
+                raise
+            finally:
+                if gone is not None:
+                    gone.cancel()
         except (aiohttp.ClientError, TimeoutError) as exc:
             # the answer is already under way: the server closes the connection, the client sees it cut
             log.warning("node %s broke off its answer: %s", route.short_id, exc)
@@ -179,6 +203,12 @@ async def _body(receive: Any) -> AsyncIterator[bytes]:
             yield chunk
         if not message.get("more_body", False):
             return
+
+
+async def _disconnected(receive: Any) -> None:
+    """Return when the client has gone (the request body, read already, is not looked at)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _read_all(receive: Any) -> bytes:
