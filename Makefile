@@ -10,7 +10,7 @@ CONFIG ?= config/manager.yml
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -U pip
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,postgres]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,postgres,notebook]'
 	touch $@
 
 venv: $(STAMP)

@@ -20,7 +20,16 @@
     │   │   └── ToolTimeout         a tool ran out of time; carries its partial output (450)
     │   ├── WorkspacePathError      a path escapes the workspace (400)
     │   └── ToolRegistrationError   a tool cannot be registered (duplicate, bad code)
-    └── ClientError                 raised by toolserver.client for an error answer
+    └── ClientError                 raised by toolserver.client for an error answer (status_code, body)
+        ├── SessionNotFoundError    403 invalid node_id: released, or never existed
+        ├── CapacityExceededError   429 node.max_nodes or a quota; ``retry_after`` seconds
+        ├── NodeNotReadyError       503/504 the node failed to start, is stopped or not answering
+        ├── NotFoundError           404 a workspace file or a command that is not there
+        │   └── ToolNotFoundError   404 from execute_tool: no tool by that name
+        ├── BadArgumentsError       400/422 bad arguments; ``field`` names the one at fault
+        ├── ToolFailedError         500 the tool failed; the message is the node's
+        │   └── OutputNotReadyError 450 still running; ``partial`` holds the output so far
+        └── StreamBrokenError       a streamed answer ended before it was complete
 """
 
 from __future__ import annotations
@@ -107,9 +116,60 @@ class ToolRegistrationError(ToolError):
 
 
 class ClientError(ToolServerError):
-    """An error answer received by the client SDK."""
+    """An error answer received by the client SDK (or no usable answer at all)."""
 
-    def __init__(self, message: str, status_code: int | None = None, body: object = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        status_code: int | None = None,
+        body: object = None,
+        *,
+        retry_after: float | None = None,
+        field: str | None = None,
+        partial: object = None,
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.body = body
+        #: seconds the server asked to wait before trying again (Retry-After), where it said
+        self.retry_after = retry_after
+        #: the argument or key the server named as wrong, where it named one
+        self.field = field
+        #: what a tool produced before it ran out of time (450 answers)
+        self.partial = partial
+
+
+class SessionNotFoundError(ClientError):
+    """The session is unknown to the manager: released, or it never existed."""
+
+
+class CapacityExceededError(ClientError):
+    """The manager runs all the nodes it may (or a quota is used up): retry after ``retry_after``."""
+
+
+class NodeNotReadyError(ClientError):
+    """The session's node cannot serve now: it failed to start, is stopped, or does not answer."""
+
+
+class NotFoundError(ClientError):
+    """A workspace file or a command that is not there."""
+
+
+class ToolNotFoundError(NotFoundError):
+    """No tool by that name on the node."""
+
+
+class BadArgumentsError(ClientError):
+    """The request's arguments are wrong; ``field`` names the one at fault when the server said."""
+
+
+class ToolFailedError(ClientError):
+    """The tool ran and failed; the message is the node's."""
+
+
+class OutputNotReadyError(ToolFailedError):
+    """The tool is still running (450): ``partial`` has its output so far (and a ``shell_id``)."""
+
+
+class StreamBrokenError(ClientError):
+    """A streamed answer (command output) ended before its last event."""

@@ -7,7 +7,8 @@ NDJSON, one event per line (see :mod:`toolserver.protocol` for the routes and bo
     {"type": "start", "id": 3, "command": "make test"}     first line
     {"type": "stdout", "data": "..."}  {"type": "stderr", "data": "..."}
     {"type": "dropped", "chars": 1234}    output lost before this point (only the last part is kept)
-    {"type": "keepalive"}                 after KEEPALIVE_SECONDS without output
+    {"type": "keepalive"}                 after command_keepalive_seconds without output (proxies
+                                          time idle reads out)
     {"type": "exit", "exit_code": 0, "status": "exited" | "killed" | "timeout"}   the command ended
     {"type": "detached", "status": "running"}   the stream ends while the command runs on
 
@@ -30,8 +31,6 @@ from toolserver.node.context import NodeContext
 from toolserver.node.tools.shell import Chunk, ShellJob, ShellManager
 from toolserver.protocol import NDJSON_MEDIA_TYPE, CommandConnectRequest, CommandRequest, CommandStdinRequest
 
-#: seconds without output after which a stream says it is still alive (proxies time idle reads out)
-KEEPALIVE_SECONDS = 15.0
 #: longest text of one stdout/stderr event
 _EVENT_CHARS = 64 * 1024
 
@@ -123,7 +122,7 @@ class Commands:
                 if not follow:
                     yield _line({"type": "detached", "status": job.status})
                     return
-                await job.log.wait_beyond(pos, KEEPALIVE_SECONDS)
+                await job.log.wait_beyond(pos, self.ctx.config.command_keepalive_seconds)
                 if job.log.total == pos and not job.log.closed:
                     yield _line({"type": "keepalive"})
         finally:
@@ -137,13 +136,9 @@ class Commands:
         job = self.job(req.id)
         pipe = job.proc.stdin
         if pipe is None:
-            raise HTTPException(
-                409, f"command {job.id} was started without stdin (start it with stdin: true)"
-            )
+            raise HTTPException(409, f"command {job.id} was started without stdin (start it with stdin=true)")
         if not job.running or pipe.is_closing():
-            raise HTTPException(
-                409, f"command {job.id} takes no more input (it ended or its stdin is closed)"
-            )
+            raise HTTPException(409, f"command {job.id} takes no more input (it ended or closed its stdin)")
         data = req.data.encode()
         pipe.write(data)
         try:

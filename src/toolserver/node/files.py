@@ -342,6 +342,6 @@ def remove_path(ctx: NodeContext, raw: str, recursive: bool) -> dict[str, Any]:
             target.rmdir()
         except OSError:
             raise HTTPException(
-                409, f"{raw!r} is a directory that is not empty; remove it with recursive: true"
+                409, f"{raw!r} is a directory that is not empty; remove it with recursive=true"
             ) from None
     return {"path": ctx.relative(target), "removed": True}
