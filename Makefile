@@ -28,11 +28,13 @@ node-image: venv
 
 test: venv docker-ready
 	bash scripts/ensure-postgres.sh
+	bash scripts/ensure-tmux.sh
 	$(BIN)/ruff check src tests bench
 	$(BIN)/pytest
 
 # The suite without Docker (for machines without a Docker Engine).
 test-fast: venv
+	bash scripts/ensure-tmux.sh
 	$(BIN)/pytest -m "not docker"
 
 lint: venv

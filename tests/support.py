@@ -23,6 +23,7 @@ from toolserver.testing import (
 __all__ = [
     "NODE_IMAGE",
     "ManagerProcess",
+    "Tmux",
     "docker_containers",
     "docker_unavailable_reason",
     "docker_volumes",
@@ -130,3 +131,57 @@ def docker_containers(label: str) -> list[dict[str, str]]:
         check=True,
     ).stdout
     return [dict(zip(("id", "state", "name"), line.split(), strict=True)) for line in out.splitlines()]
+
+
+class Tmux:
+    """A tmux server of the test's own (``-L``) running one command in a window of a given size.
+
+    ``keys`` types (tmux key names: ``Enter``, ``C-d``), ``screen`` reads the pane as shown,
+    ``wait_for`` polls the screen for a text. The server is killed on :meth:`close`.
+    """
+
+    def __init__(self, command: str, cols: int = 100, rows: int = 30) -> None:
+        import shutil
+        import uuid
+
+        if shutil.which("tmux") is None:
+            import pytest
+
+            pytest.skip("tmux is not installed (scripts/ensure-tmux.sh installs it)")
+        self.socket = f"toolserver-test-{uuid.uuid4().hex[:8]}"
+        self._tmux("new-session", "-d", "-s", "t", "-x", str(cols), "-y", str(rows), command)
+        self._tmux("set-option", "-t", "t", "remain-on-exit", "on")
+
+    def _tmux(self, *args: str) -> str:
+        done = subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            raise AssertionError(f"tmux {' '.join(args)} failed: {done.stderr}")
+        return done.stdout
+
+    def keys(self, *keys: str) -> None:
+        self._tmux("send-keys", "-t", "t", *keys)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self._tmux("resize-window", "-t", "t", "-x", str(cols), "-y", str(rows))
+
+    def screen(self) -> str:
+        return self._tmux("capture-pane", "-p", "-t", "t")
+
+    def wait_for(self, text: str, timeout: float = 30.0) -> str:
+        def shown() -> str | None:
+            screen = self.screen()
+            return screen if text in screen else None
+
+        try:
+            return str(wait_until(shown, timeout, what=f"{text!r} on the screen"))
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the screen shows:\n{self.screen()}") from None
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=30)
+
+    def __enter__(self) -> Tmux:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -46,7 +46,7 @@ def raw_mode(fd: int) -> Iterator[None]:
         yield
         return
     saved = termios.tcgetattr(fd)
-    tty.setraw(fd)
+    tty.setraw(fd, termios.TCSANOW)  # keep what was typed ahead
     try:
         yield
     finally:
