@@ -51,9 +51,18 @@ def marked_processes(short_id: str) -> list[psutil.Process]:
 
 
 class ManagerProcess(testing.ManagerProcess):
-    """The harness's manager, checking node health every 0.2 s so tests see failures quickly."""
+    """The harness's manager, checking node health every 0.2 s so tests see failures quickly.
+
+    With the Docker runtime its nodes run the image the tests were given (``NODE_IMAGE``): the
+    manager process does not inherit ``TOOLSERVER_*`` variables.
+    """
 
     node_defaults: ClassVar[dict[str, Any]] = {"health_check_interval": 0.2, "stop_grace_seconds": 2}
+
+    def __init__(self, root: Path, **config: Any) -> None:
+        if config.get("runtime") == "docker":
+            config["node"] = {"image": NODE_IMAGE, **config.get("node", {})}
+        super().__init__(root, **config)
 
 
 @contextlib.asynccontextmanager
