@@ -33,6 +33,9 @@ __all__ = [
     "marked_processes",
     "node_processes",
     "processes_under",
+    "sleeping",
+    "terminal_transcript",
+    "until_async",
     "wait_until",
 ]
 
@@ -194,3 +197,42 @@ class Tmux:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def sleeping(*seconds: str) -> list[psutil.Process]:
+    """The live ``sleep SECONDS`` processes (tests pick numbers no one else sleeps)."""
+    wanted = [["sleep", s] for s in seconds]
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["cmdline"] in wanted and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc)
+    return found
+
+
+async def until_async(predicate: Any, within: float = 30.0, what: str = "condition") -> Any:
+    """:func:`wait_until` for async tests: polls ``predicate`` without blocking the loop."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + within
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within:g} s waiting for {what}")
+        await asyncio.sleep(0.05)
+    return value
+
+
+async def terminal_transcript(ws: Any, keys: bytes) -> tuple[str, dict[str, Any] | None]:
+    """Type ``keys`` into a terminal WebSocket and read until it closes: (screen text, last control)."""
+    import json
+
+    import aiohttp
+
+    await ws.send_bytes(keys)
+    text, control = "", None
+    async for message in ws:
+        if message.type == aiohttp.WSMsgType.BINARY:
+            text += message.data.decode(errors="replace")
+        else:
+            control = json.loads(message.data)
+    return text, control

@@ -3,7 +3,6 @@ the manager: the same features as on the process tier, inside the hardened conta
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -11,7 +10,14 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from tests.support import ManagerProcess, Tmux, docker_containers, docker_unavailable_reason, wait_until
+from tests.support import (
+    ManagerProcess,
+    Tmux,
+    docker_containers,
+    docker_unavailable_reason,
+    terminal_transcript,
+    wait_until,
+)
 from toolserver.client import Session, ToolServerClient
 from toolserver.runtimes.base import LABEL_MANAGER
 
@@ -72,13 +78,7 @@ async def test_the_terminal_in_a_container(manager: ManagerProcess, session: Ses
         aiohttp.ClientSession() as http,
         http.ws_connect(url, headers={"Cookie": f"node_id={session.session_id}"}) as ws,
     ):
-        await ws.send_bytes(b"stty size; pwd; exit\r")
-        text, control = "", None
-        async for message in ws:
-            if message.type == aiohttp.WSMsgType.BINARY:
-                text += message.data.decode(errors="replace")
-            else:
-                control = json.loads(message.data)
+        text, control = await terminal_transcript(ws, b"stty size; pwd; exit\r")
     assert "15 70" in text and "/workspace" in text and control == {"type": "exit", "exit_code": 0}
 
 

@@ -3,20 +3,16 @@ refusals, and ``toolserver run`` streaming a command's output."""
 
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-import psutil
 import pytest
 
-from tests.support import ManagerProcess, Tmux, wait_until
+from tests.support import ManagerProcess, Tmux, sleeping, terminal_transcript, until_async, wait_until
 from toolserver.client import Session, ToolServerClient
 
 ENV = {k: v for k, v in os.environ.items() if not k.startswith("TOOLSERVER_")}
@@ -34,10 +30,6 @@ def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagerProcess
 def session(manager: ManagerProcess) -> Iterator[Session]:
     with ToolServerClient(manager.url) as client, client.create_session() as s:
         yield s
-
-
-def sleeping(seconds: str) -> bool:
-    return any(p.info["cmdline"] == ["sleep", seconds] for p in psutil.process_iter(["cmdline"]))
 
 
 def test_toolserver_shell_in_tmux(manager: ManagerProcess, session: Session) -> None:
@@ -91,26 +83,14 @@ async def test_websocket_forwarding(manager: ManagerProcess, session: Session) -
         # same-origin (a page the manager served) and non-browser clients get through
         same_origin = {**cookie, "Origin": manager.url}
         async with http.ws_connect(url, headers=same_origin) as ws:
-            await ws.send_bytes(b"stty size; exit 3\r")
-            text, exit_message = "", None
-            async for message in ws:
-                if message.type == aiohttp.WSMsgType.BINARY:
-                    text += message.data.decode(errors="replace")
-                else:
-                    exit_message = json.loads(message.data)
+            text, exit_message = await terminal_transcript(ws, b"stty size; exit 3\r")
             assert "20 90" in text and exit_message == {"type": "exit", "exit_code": 3}
             assert ws.close_code == 1000  # the node closed: the manager closed the client's side
         # the client closing ends the shell on the node
         async with http.ws_connect(url, headers=cookie) as ws:
             await ws.send_bytes(b"sleep 4951\r")
-            deadline = time.monotonic() + 20
-            while not sleeping("4951"):
-                assert time.monotonic() < deadline
-                await ws.receive(timeout=1)
-        deadline = time.monotonic() + 10
-        while sleeping("4951"):
-            assert time.monotonic() < deadline, "the shell outlived its client"
-            await asyncio.sleep(0.05)
+            await until_async(lambda: sleeping("4951"), what="the sleep")
+        await until_async(lambda: not sleeping("4951"), 10, "the shell to end with its client")
 
 
 def test_toolserver_run_streams_and_exits_with_the_commands_status(

@@ -8,10 +8,9 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import psutil
 import requests
 
-from toolserver.testing import wait_until
+from tests.support import sleeping, wait_until
 
 from .conftest import Node
 
@@ -39,16 +38,6 @@ def until(stream: Iterator[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
     raise AssertionError(f"the stream ended before a {kind!r} event: {seen}")
 
 
-def running(*seconds: str) -> list[psutil.Process]:
-    """The live ``sleep SECONDS`` processes (the numbers are unique to each test)."""
-    wanted = [["sleep", s] for s in seconds]
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        if proc.info["cmdline"] in wanted and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(proc)
-    return found
-
-
 def test_output_streams_as_printed_tagged_by_stream_then_the_exit(node: Node) -> None:
     # the command waits for input after printing: what arrives before it gets any was streamed
     response = start(node, command="echo ready; echo oops >&2; read name; echo got $name; exit 3", stdin=True)
@@ -73,9 +62,9 @@ def test_output_streams_as_printed_tagged_by_stream_then_the_exit(node: Node) ->
 def test_a_timeout_kills_the_command_and_everything_it_started(node: Node) -> None:
     response = start(node, command="sleep 4711 & sleep 4712; echo never", timeout=0.5)
     stream = events(response)
-    wait_until(lambda: len(running("4711", "4712")) == 2, what="both sleeps")
+    wait_until(lambda: len(sleeping("4711", "4712")) == 2, what="both sleeps")
     assert until(stream, "exit")[-1]["status"] == "timeout"
-    assert running("4711", "4712") == []
+    assert sleeping("4711", "4712") == []
 
 
 def test_background_commands_are_listed_reattached_to_and_killed(node: Node) -> None:
@@ -107,19 +96,19 @@ def test_background_commands_are_listed_reattached_to_and_killed(node: Node) -> 
     assert "".join(e["data"] for e in replay if e["type"] == "stdout") == "one\ntwo\nthree\n"
 
     sleeper = node.post("/commands", json={"command": "sleep 4720", "background": True}).json()
-    wait_until(lambda: running("4720"), what="the sleep")
+    wait_until(lambda: sleeping("4720"), what="the sleep")
     killed = node.post("/commands/kill", json={"id": sleeper["id"]}).json()
     assert killed["status"] == "killed" and killed["exit_code"] is not None
-    assert running("4720") == []
+    assert sleeping("4720") == []
 
 
 def test_a_foreground_command_dies_with_its_client(node: Node) -> None:
     response = start(node, command="sleep 4730")
     stream = events(response)  # (a generator dropped here would close the response already)
     assert next(stream)["type"] == "start"
-    wait_until(lambda: running("4730"), what="the sleep")
+    wait_until(lambda: sleeping("4730"), what="the sleep")
     response.close()
-    wait_until(lambda: not running("4730"), timeout=10, what="the command to be killed")
+    wait_until(lambda: not sleeping("4730"), timeout=10, what="the command to be killed")
 
 
 def test_only_the_last_part_is_kept_and_quiet_streams_keep_alive(node: Node) -> None:

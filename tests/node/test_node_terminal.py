@@ -7,9 +7,9 @@ import json
 import time
 
 import aiohttp
-import psutil
 import pytest
 
+from tests.support import sleeping, until_async
 from toolserver.protocol import SECRET_HEADER
 
 from .conftest import SECRET, Node
@@ -43,14 +43,6 @@ class Screen:
         await self.ws.send_bytes(keys.encode() if isinstance(keys, str) else keys)
 
 
-def sleeps(seconds: str) -> list[psutil.Process]:
-    return [
-        p
-        for p in psutil.process_iter(["cmdline", "status"])
-        if p.info["cmdline"] == ["sleep", seconds] and p.info["status"] != psutil.STATUS_ZOMBIE
-    ]
-
-
 async def test_a_terminal_runs_commands_resizes_interrupts_and_exits(node: Node) -> None:
     async with (
         aiohttp.ClientSession() as http,
@@ -77,7 +69,7 @@ async def test_a_terminal_runs_commands_resizes_interrupts_and_exits(node: Node)
         assert msg.type == aiohttp.WSMsgType.TEXT and json.loads(msg.data) == {"type": "exit", "exit_code": 4}
         assert (await ws.receive(timeout=10)).type == aiohttp.WSMsgType.CLOSE
         assert ws.close_code == 1000
-    assert not sleeps("4801")
+    assert not sleeping("4801")
 
 
 async def test_closing_the_websocket_hangs_the_terminal_up(node: Node) -> None:
@@ -87,15 +79,9 @@ async def test_closing_the_websocket_hangs_the_terminal_up(node: Node) -> None:
     ):
         screen = Screen(ws)
         await screen.type("sleep 4802 & sleep 4803\r")
-        deadline = time.monotonic() + 20
-        while not (sleeps("4802") and sleeps("4803")):
-            assert time.monotonic() < deadline, "the sleeps did not start"
-            await asyncio.sleep(0.05)
+        await until_async(lambda: len(sleeping("4802", "4803")) == 2, what="the sleeps")
     # the client is gone: the background job (its own process group) and the foreground one end
-    deadline = time.monotonic() + 10
-    while sleeps("4802") or sleeps("4803"):
-        assert time.monotonic() < deadline, "the terminal's processes outlived it"
-        await asyncio.sleep(0.05)
+    await until_async(lambda: not sleeping("4802", "4803"), 10, "the terminal's processes to end")
 
 
 async def test_a_terminal_needs_the_secret_and_a_sane_size(node: Node) -> None:

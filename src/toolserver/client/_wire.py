@@ -14,7 +14,14 @@ from typing import Any
 
 import httpx
 
-from toolserver.client.results import BinaryOutput, CommandResult, FileInfo, PythonResult, SessionInfo
+from toolserver.client.results import (
+    BinaryOutput,
+    CommandResult,
+    FileInfo,
+    PythonResult,
+    SessionInfo,
+    from_json,
+)
 from toolserver.errors import (
     BadArgumentsError,
     CapacityExceededError,
@@ -143,7 +150,7 @@ def label_params(labels: dict[str, str] | None) -> list[tuple[str, str]]:
 
 
 def sessions_from(resp: httpx.Response) -> list[SessionInfo]:
-    return [SessionInfo.from_json(s) for s in check(resp).json()["sessions"]]
+    return [from_json(SessionInfo, s) for s in check(resp).json()["sessions"]]
 
 
 def tool_payload(tool_name: str, arguments: dict[str, Any] | None, env_name: str | None) -> dict[str, Any]:

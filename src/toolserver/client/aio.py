@@ -15,7 +15,14 @@ from typing import IO, Any
 import httpx
 
 from toolserver.client import _wire as wire
-from toolserver.client.results import CommandInfo, CommandResult, FileInfo, PythonResult, SessionInfo
+from toolserver.client.results import (
+    CommandInfo,
+    CommandResult,
+    FileInfo,
+    PythonResult,
+    SessionInfo,
+    from_json,
+)
 from toolserver.errors import ClientError, ToolFailedError
 
 Callback = Callable[[str], Any] | None
@@ -46,7 +53,7 @@ class AsyncCommandHandle:
     async def kill(self) -> CommandInfo:
         """Stop it and everything it started (SIGTERM, then SIGKILL)."""
         resp = await self._session._post("/commands/kill", json={"id": self.id})
-        return CommandInfo.from_json(resp.json())
+        return from_json(CommandInfo, resp.json())
 
 
 class AsyncCommands:
@@ -57,7 +64,7 @@ class AsyncCommands:
 
     async def list(self) -> list[CommandInfo]:
         resp = wire.check(await self._session._http.get("/commands", headers=self._session._headers))
-        return [CommandInfo.from_json(c) for c in resp.json()["commands"]]
+        return [from_json(CommandInfo, c) for c in resp.json()["commands"]]
 
     def connect(self, command_id: int) -> AsyncCommandHandle:
         """A handle on a command that runs (or ran) in the session, e.g. a shell tool's ``shell_id``."""

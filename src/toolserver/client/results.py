@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def from_json(cls: type[T], data: dict[str, Any]) -> T:
+    """An instance of dataclass ``cls`` from a JSON object (keys it does not know are ignored)."""
+    return cls(**{f.name: data.get(f.name) for f in fields(cls)})  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -26,10 +33,6 @@ class SessionInfo:
     labels: dict[str, str]
     created_at: str
     last_req_time: str
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SessionInfo:
-        return cls(**{name: data.get(name) for name in cls.__dataclass_fields__})  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -63,10 +66,6 @@ class CommandInfo:
     background: bool
     started_at: float
     ended_at: float | None
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CommandInfo:
-        return cls(**{name: data.get(name) for name in cls.__dataclass_fields__})  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)

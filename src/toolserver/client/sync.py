@@ -10,7 +10,14 @@ from typing import IO, Any
 import httpx
 
 from toolserver.client import _wire as wire
-from toolserver.client.results import CommandInfo, CommandResult, FileInfo, PythonResult, SessionInfo
+from toolserver.client.results import (
+    CommandInfo,
+    CommandResult,
+    FileInfo,
+    PythonResult,
+    SessionInfo,
+    from_json,
+)
 from toolserver.errors import ClientError, ToolFailedError
 
 Callback = Callable[[str], Any] | None
@@ -39,7 +46,7 @@ class CommandHandle:
 
     def kill(self) -> CommandInfo:
         """Stop it and everything it started (SIGTERM, then SIGKILL)."""
-        return CommandInfo.from_json(self._session._post("/commands/kill", json={"id": self.id}).json())
+        return from_json(CommandInfo, self._session._post("/commands/kill", json={"id": self.id}).json())
 
 
 class Commands:
@@ -50,7 +57,7 @@ class Commands:
 
     def list(self) -> list[CommandInfo]:
         resp = wire.check(self._session._http.get("/commands", headers=self._session._headers))
-        return [CommandInfo.from_json(c) for c in resp.json()["commands"]]
+        return [from_json(CommandInfo, c) for c in resp.json()["commands"]]
 
     def connect(self, command_id: int) -> CommandHandle:
         """A handle on a command that runs (or ran) in the session, e.g. a shell tool's ``shell_id``."""

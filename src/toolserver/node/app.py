@@ -4,9 +4,12 @@ Starlette rather than FastAPI: importing FastAPI alone takes ~0.45 s on a small 
 start time is what every cold session waits for. Request bodies are validated with the pydantic
 models of :mod:`toolserver.protocol`.
 
-Statuses: 400 bad request or path outside the workspace, 401 missing/wrong node secret, 403
-registration disabled, 404 unknown tool (or file), 413 body too large, 422 invalid arguments,
+Statuses: 400 bad request or path outside the workspace, 401 missing/wrong node secret (HTTP and
+WebSocket alike), 403 registration disabled, 404 unknown tool (or file, or command), 409 a command
+that takes no input or a directory that is not empty, 413 body too large, 422 invalid arguments,
 450 output not ready / timed out (JSON body with ``detail`` and partial output), 500 tool failure.
+Streamed commands (:mod:`toolserver.node.commands`) answer NDJSON; ``/terminal`` is a WebSocket
+(:mod:`toolserver.node.terminal`).
 """
 
 from __future__ import annotations
