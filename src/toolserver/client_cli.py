@@ -116,8 +116,12 @@ def _run(client: ToolServerClient, args: argparse.Namespace) -> int:
         sys.stderr.write(text)
         sys.stderr.flush()
 
+    words = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not words:
+        _note("run: give the command to run, e.g. toolserver run -- ls -la")
+        return 2
     with _session(client, args.session) as session:
-        result = session.run(" ".join(args.cmd), on_stdout=out, on_stderr=err, timeout=args.timeout)
+        result = session.run(" ".join(words), on_stdout=out, on_stderr=err, timeout=args.timeout)
     if result.status == "timeout":
         _note(f"the command was killed after {args.timeout:g} s (--timeout)")
     code = result.exit_code if result.exit_code is not None else 1

@@ -210,3 +210,23 @@ def test_a_command_stops_when_its_client_goes(manager: ManagerProcess, session: 
         timeout=15,
         what="the command to be killed",
     )
+
+
+def test_the_readme_agent_loop(manager: ManagerProcess) -> None:
+    """The README's agent loop, as printed there, driven by a scripted model."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    code = readme[readme.index("def agent(") :]
+    code = code[: code.index("```")].replace("http://127.0.0.1:8080", manager.url)
+    namespace: dict[str, object] = {}
+    exec(compile("from toolserver.client import ToolServerClient\n" + code, "README.md", "exec"), namespace)
+    steps = iter(
+        [{"run": "echo 6 7 > n.txt"}, {"python": "print(sum(map(int, open('n.txt').read().split())))"}]
+    )
+    history_seen: list[list[dict[str, str]]] = []
+
+    def ask_llm(history: list[dict[str, str]]) -> dict[str, str]:
+        history_seen.append(list(history))
+        return next(steps, {"answer": history[-1]["content"].split()[0]})
+
+    assert namespace["agent"]("add the numbers", ask_llm) == "13"  # type: ignore[operator]
+    assert history_seen[1][-1]["content"].startswith("exit 0")

@@ -246,7 +246,7 @@ def python_error(exc: ToolFailedError) -> PythonResult | None:
     match = _CELL.match(detail)
     if match is None:
         return None
-    return PythonResult("", [], detail[match.end() :].lstrip("\n"), int(match.group(1)))
+    return PythonResult("", [], detail[match.end() :].lstrip(": \n"), int(match.group(1)))
 
 
 def upload_form(path: str) -> tuple[str, dict[str, str]]:
