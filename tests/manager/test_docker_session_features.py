@@ -20,6 +20,7 @@ from tests.support import (
 )
 from toolserver.client import Session, ToolServerClient
 from toolserver.runtimes.base import LABEL_MANAGER
+from toolserver.testing.tiers import DOCKER
 
 pytestmark = pytest.mark.docker
 
@@ -29,7 +30,7 @@ def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagerProcess
     reason = docker_unavailable_reason()
     if reason:
         pytest.skip(reason)
-    started = ManagerProcess(tmp_path_factory.mktemp("docker-features"), runtime="docker").start()
+    started = ManagerProcess(tmp_path_factory.mktemp("docker-features"), **DOCKER.manager_config()).start()
     label = f"{LABEL_MANAGER}={started.manager_id}"
     yield started
     started.stop()
