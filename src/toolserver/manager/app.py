@@ -115,6 +115,7 @@ class ManagerApp(FastAPI):
 
     Forwarded requests skip the framework's middleware and routing: on the hot path of every tool
     call only the proxy runs. ``forwarded`` maps each path to its methods; another method gets 405.
+    A WebSocket on a forwarded GET path (``/terminal``) goes to :mod:`toolserver.manager.ws_proxy`.
     """
 
     forwarded: dict[str, frozenset[str]] = {}

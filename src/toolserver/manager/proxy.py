@@ -3,7 +3,9 @@
 Forwarded paths never enter the web framework: the proxy reads the ``node_id`` cookie, finds the
 node's route (cached, see :meth:`SessionService.route`), and streams the request body to the node
 and the node's answer back through one pooled aiohttp client. Nothing is buffered: a 1 GiB upload
-or download passes through in chunks. Hop-by-hop headers and the manager's own cookie are not
+or download passes through in chunks, and each chunk of a streamed answer (a command's output) is
+sent on as soon as it arrives. A streamed answer stops when its client goes away, so that the node
+sees the client go; while it streams, the session counts as active. Hop-by-hop headers and the manager's own cookie are not
 forwarded; the node's secret is added.
 """
 
