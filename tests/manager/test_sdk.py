@@ -3,6 +3,7 @@ plots, files and typed errors, sync and async alike."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from toolserver.client import (
     NotFoundError,
     Session,
     SessionNotFoundError,
+    StreamBrokenError,
     ToolFailedError,
     ToolNotFoundError,
     ToolServerClient,
@@ -164,7 +166,21 @@ def test_typed_errors(client: ToolServerClient, session: Session, manager: Manag
         with pytest.raises(CapacityExceededError) as full:
             client.create_session()
         assert full.value.retry_after == 5
+        # a node that goes away mid-stream: the stream's end is reported, not a protocol error
+        cut: list[BaseException] = []
+
+        def follow() -> None:
+            try:
+                extra[0].run("echo started; sleep 60")
+            except BaseException as exc:
+                cut.append(exc)
+
+        follower = threading.Thread(target=follow)
+        follower.start()
+        wait_until(lambda: [c for c in extra[0].commands.list() if c.status == "running"], what="the command")
         extra[0].close()
+        follower.join(30)
+        assert len(cut) == 1 and isinstance(cut[0], StreamBrokenError), cut
         with pytest.raises(NodeNotReadyError) as stopped:
             extra[0].run("true")
         assert "node is not running" in str(stopped.value)

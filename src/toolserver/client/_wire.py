@@ -215,13 +215,19 @@ class CommandEvents:
 
     def result(self) -> CommandResult:
         if self.status is None:
-            raise StreamBrokenError(
-                f"the output stream of command {self.id} ended before the command did; "
-                "reattach with session.commands.connect(id)"
-            )
+            raise broken_stream(self, None)
         return CommandResult(
             self.id, "".join(self.stdout), "".join(self.stderr), self.exit_code, self.status, self.dropped
         )
+
+
+def broken_stream(events: CommandEvents, cause: Exception | None) -> StreamBrokenError:
+    """The error for a command stream that ended before its last event."""
+    why = f" ({cause})" if cause is not None else ""
+    return StreamBrokenError(
+        f"the output stream of command {events.id} ended before the command did{why}; "
+        "reattach with session.commands.connect(id)"
+    )
 
 
 # ---- notebook and files --------------------------------------------------------------------------

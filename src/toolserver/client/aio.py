@@ -166,12 +166,15 @@ class AsyncSession:
             if resp.status_code >= 400:
                 await resp.aread()
                 wire.check(resp)
-            async for line in resp.aiter_lines():
-                output = events.feed(line)
-                if output is not None and (callback := callbacks[output[0]]) is not None:
-                    result = callback(output[1])
-                    if inspect.isawaitable(result):
-                        await result
+            try:
+                async for line in resp.aiter_lines():
+                    output = events.feed(line)
+                    if output is not None and (callback := callbacks[output[0]]) is not None:
+                        result = callback(output[1])
+                        if inspect.isawaitable(result):
+                            await result
+            except httpx.TransportError as exc:  # cut while streaming (the node went away, say)
+                raise wire.broken_stream(events, exc) from exc
         return events.result()
 
     async def python(self, code: str) -> PythonResult:

@@ -160,10 +160,13 @@ class Session:
             if resp.status_code >= 400:
                 resp.read()
                 wire.check(resp)
-            for line in resp.iter_lines():
-                output = events.feed(line)
-                if output is not None and (callback := callbacks[output[0]]) is not None:
-                    callback(output[1])
+            try:
+                for line in resp.iter_lines():
+                    output = events.feed(line)
+                    if output is not None and (callback := callbacks[output[0]]) is not None:
+                        callback(output[1])
+            except httpx.TransportError as exc:  # cut while streaming (the node went away, say)
+                raise wire.broken_stream(events, exc) from exc
         return events.result()
 
     def python(self, code: str) -> PythonResult:

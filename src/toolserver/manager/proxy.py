@@ -5,8 +5,8 @@ node's route (cached, see :meth:`SessionService.route`), and streams the request
 and the node's answer back through one pooled aiohttp client. Nothing is buffered: a 1 GiB upload
 or download passes through in chunks, and each chunk of a streamed answer (a command's output) is
 sent on as soon as it arrives. A streamed answer stops when its client goes away, so that the node
-sees the client go; while it streams, the session counts as active. Hop-by-hop headers and the manager's own cookie are not
-forwarded; the node's secret is added.
+sees the client go; while it streams, the session counts as active. Hop-by-hop headers and the
+manager's own cookie are not forwarded; the node's secret is added.
 """
 
 from __future__ import annotations
