@@ -116,8 +116,6 @@ class Commands:
                     yield _line(event)
                 if ended:
                     yield _line({"type": "exit", "exit_code": job.proc.returncode, "status": job.status})
-                    if owner:
-                        self.shell.forget(job)
                     return
                 if not follow:
                     yield _line({"type": "detached", "status": job.status})
@@ -126,7 +124,9 @@ class Commands:
                 if job.log.total == pos and not job.log.closed:
                     yield _line({"type": "keepalive"})
         finally:
-            if owner and not job.ended:  # the client went away from its foreground command
+            if owner and job.ended:  # a foreground command is gone with its stream
+                self.shell.forget(job)
+            elif owner:  # the client went away from its foreground command
                 self.shell.abandon(job)
 
     def list(self) -> dict[str, Any]:
