@@ -29,6 +29,7 @@ node-image: venv
 test: venv docker-ready
 	bash scripts/ensure-postgres.sh
 	bash scripts/ensure-tmux.sh
+	bash scripts/ensure-chromium.sh
 	$(BIN)/ruff check src tests bench
 	$(BIN)/pytest
 

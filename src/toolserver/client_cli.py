@@ -132,7 +132,7 @@ def _shell(client: ToolServerClient, args: argparse.Namespace) -> int:
     from toolserver.client import terminal
 
     client.connect(args.node_id).commands.list()  # a missing session fails here, with the reason
-    return terminal.run(resolve_url(args.url), args.node_id)
+    return terminal.run(client.base_url, args.node_id, client.api_key)
 
 
 def _sessions(client: ToolServerClient, args: argparse.Namespace) -> None:
@@ -180,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the client command ``args.command``; returns the exit status."""
     url = resolve_url(args.url)
     try:
-        with ToolServerClient(url) as client:
+        with ToolServerClient(url, api_key=getattr(args, "api_key", None)) as client:
             status = COMMANDS[args.command](client, args)
     except ClientError as exc:
         if exc.body is None:  # not an error answer (no cookie in a 200, say)

@@ -10,9 +10,16 @@
     ├── NodeStartError              a node did not become ready (failed or timed out)
     ├── DatabaseUnavailable         the records' database cannot be reached (503, retry later)
     ├── SessionError                a session request cannot be served
-    │   ├── InvalidSession          missing/unknown node_id
+    │   ├── InvalidSession          missing/unknown node_id (403)
+    │   ├── NotYourSession          the session belongs to another API key (403)
+    │   ├── UnknownSession          no session with that short id (admin API, 404)
     │   ├── InvalidRequest          a bad parameter of a session route (422)
-    │   └── CapacityExceeded        node.max_nodes reached
+    │   ├── Draining                the manager takes no new sessions (503)
+    │   └── CapacityExceeded        node.max_nodes reached (429, Retry-After)
+    │       └── QuotaExceeded       an API key's quota reached; names the quota (429, Retry-After)
+    ├── AccessError                 the caller may not make this request
+    │   ├── NotAuthenticated        no API key, or an unknown, revoked or expired one (401)
+    │   └── AdminRequired           an admin route called with a user key (403)
     ├── ToolError                   raised inside a node while running a tool
     │   ├── ToolNotFound            no tool by that name (404)
     │   ├── ToolArgumentError       arguments fail the tool's schema (422)
@@ -21,6 +28,7 @@
     │   ├── WorkspacePathError      a path escapes the workspace (400)
     │   └── ToolRegistrationError   a tool cannot be registered (duplicate, bad code)
     └── ClientError                 raised by toolserver.client for an error answer (status_code, body)
+        ├── AccessDeniedError       401 no or a bad API key, 403 another key's session or an admin route
         ├── SessionNotFoundError    403 invalid node_id: released, or never existed
         ├── CapacityExceededError   429 node.max_nodes or a quota; ``retry_after`` seconds
         ├── NodeNotReadyError       503/504 the node failed to start, is stopped or not answering
@@ -71,12 +79,48 @@ class InvalidSession(SessionError):
     """The node_id is missing or unknown."""
 
 
+class NotYourSession(SessionError):
+    """The session exists but belongs to another API key (admin keys act on every session)."""
+
+
+class UnknownSession(SessionError):
+    """No session has the short id an admin route was given."""
+
+
+class Draining(SessionError):
+    """The manager is draining: existing sessions keep working, new ones go to another manager."""
+
+
 class InvalidRequest(SessionError):
     """A session route got a parameter it cannot use; the message says which and why."""
 
 
 class CapacityExceeded(SessionError):
-    """The manager already runs node.max_nodes nodes."""
+    """The manager already runs node.max_nodes nodes; ``retry_after`` is in seconds."""
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QuotaExceeded(CapacityExceeded):
+    """An API key reached one of its quotas; ``quota`` names it (``max_sessions``, ``starts_per_minute``)."""
+
+    def __init__(self, message: str, quota: str, retry_after: int = 5) -> None:
+        super().__init__(message, retry_after)
+        self.quota = quota
+
+
+class AccessError(ToolServerError):
+    """The caller may not make this request."""
+
+
+class NotAuthenticated(AccessError):
+    """The request carries no API key, or one that is unknown, revoked or expired."""
+
+
+class AdminRequired(AccessError):
+    """The route needs an admin key."""
 
 
 class ToolError(ToolServerError):
@@ -137,6 +181,10 @@ class ClientError(ToolServerError):
         self.field = field
         #: what a tool produced before it ran out of time (450 answers)
         self.partial = partial
+
+
+class AccessDeniedError(ClientError):
+    """The manager refused the caller: no valid API key (401), or not this key's to use (403)."""
 
 
 class SessionNotFoundError(ClientError):

@@ -10,12 +10,15 @@
         plot = s.python("import pandas as pd; pd.read_csv('data.csv').plot()")
         open("plot.png", "wb").write(plot.images[0].data)
 
+A manager with ``auth: api_keys`` needs a key: ``ToolServerClient(url, api_key="tsk_…")``, or
+``$TOOLSERVER_API_KEY``, or credentials in the URL (``http://key:tsk_…@host:8080``).
+
 A session is its cookie (``session.session_id``): ``client.connect(session_id)`` picks it up again,
 from another process too. Error answers raise typed subclasses of
 :class:`toolserver.errors.ClientError` (see that module). Uploads and downloads are streamed.
 """
 
-from toolserver.client._wire import DEFAULT_TIMEOUT, DEFAULT_URL, unwrap
+from toolserver.client._wire import API_KEY_ENV, DEFAULT_TIMEOUT, DEFAULT_URL, unwrap
 from toolserver.client.aio import AsyncCommandHandle, AsyncFiles, AsyncSession, AsyncToolServerClient
 from toolserver.client.results import (
     BinaryOutput,
@@ -27,6 +30,7 @@ from toolserver.client.results import (
 )
 from toolserver.client.sync import CommandHandle, Files, Session, ToolServerClient
 from toolserver.errors import (
+    AccessDeniedError,
     BadArgumentsError,
     CapacityExceededError,
     ClientError,
@@ -40,8 +44,10 @@ from toolserver.errors import (
 )
 
 __all__ = [
+    "API_KEY_ENV",
     "DEFAULT_TIMEOUT",
     "DEFAULT_URL",
+    "AccessDeniedError",
     "AsyncCommandHandle",
     "AsyncFiles",
     "AsyncSession",

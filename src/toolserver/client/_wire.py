@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 from pathlib import PurePosixPath
 from typing import Any
@@ -23,6 +24,7 @@ from toolserver.client.results import (
     from_json,
 )
 from toolserver.errors import (
+    AccessDeniedError,
     BadArgumentsError,
     CapacityExceededError,
     ClientError,
@@ -37,12 +39,20 @@ from toolserver.errors import (
 from toolserver.protocol import COOKIE_NAME
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+#: Environment variable holding the API key when none is given.
+API_KEY_ENV = "TOOLSERVER_API_KEY"
 #: Reads wait up to 10 minutes (streamed commands send a keep-alive line every 15 s).
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
 #: The notebook tool behind ``Session.python``.
 NOTEBOOK_TOOL = "PythonNotebook_execute_cell"
 _QUOTED = re.compile(r"'([^']+)'")
 _CELL = re.compile(r"^cell_index: (-?\d+)")
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The ``Authorization`` header for ``api_key`` (else ``$TOOLSERVER_API_KEY``), or none."""
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def unwrap(obj: Any) -> Any:
@@ -90,6 +100,8 @@ def error_for(resp: httpx.Response) -> ClientError:
     cls: type[ClientError] = ClientError
     if status == 403 and "invalid node_id" in text:
         cls = SessionNotFoundError
+    elif status in (401, 403):
+        cls = AccessDeniedError
     elif status == 429:
         cls = CapacityExceededError
     elif status in (503, 504):

@@ -258,9 +258,15 @@ class AsyncToolServerClient:
     """Asynchronous client of a ToolServer manager."""
 
     def __init__(
-        self, base_url: str = wire.DEFAULT_URL, timeout: float | httpx.Timeout = wire.DEFAULT_TIMEOUT
+        self,
+        base_url: str = wire.DEFAULT_URL,
+        timeout: float | httpx.Timeout = wire.DEFAULT_TIMEOUT,
+        api_key: str | None = None,
     ) -> None:
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, trust_env=False)
+        self.base_url = base_url
+        self.api_key = api_key
+        headers = wire.auth_headers(api_key)
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, trust_env=False, headers=headers)
 
     async def alive(self) -> bool:
         return (await self._http.get("/alive")).status_code == 200
@@ -284,8 +290,8 @@ class AsyncToolServerClient:
         """Your sessions, those carrying every one of ``labels`` when given."""
         return wire.sessions_from(await self._http.get("/sessions", params=wire.label_params(labels)))
 
-    async def get_cookie(self) -> AsyncSession:
-        return await self.create_session()
+    async def get_cookie(self, labels: dict[str, str] | None = None) -> AsyncSession:
+        return await self.create_session(labels=labels)
 
     def attach(self, node_id: str) -> AsyncSession:
         return self.connect(node_id)

@@ -250,9 +250,15 @@ class ToolServerClient:
     """Synchronous client of a ToolServer manager."""
 
     def __init__(
-        self, base_url: str = wire.DEFAULT_URL, timeout: float | httpx.Timeout = wire.DEFAULT_TIMEOUT
+        self,
+        base_url: str = wire.DEFAULT_URL,
+        timeout: float | httpx.Timeout = wire.DEFAULT_TIMEOUT,
+        api_key: str | None = None,
     ) -> None:
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, trust_env=False)
+        self.base_url = base_url
+        self.api_key = api_key
+        headers = wire.auth_headers(api_key)
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, trust_env=False, headers=headers)
 
     def alive(self) -> bool:
         return self._http.get("/alive").status_code == 200
@@ -277,9 +283,9 @@ class ToolServerClient:
         """Your sessions, those carrying every one of ``labels`` when given."""
         return wire.sessions_from(self._http.get("/sessions", params=wire.label_params(labels)))
 
-    def get_cookie(self) -> Session:
+    def get_cookie(self, labels: dict[str, str] | None = None) -> Session:
         """Start a new session (XAgent's name for :meth:`create_session`)."""
-        return self.create_session()
+        return self.create_session(labels=labels)
 
     def attach(self, node_id: str) -> Session:
         """A handle on an existing session (the former name of :meth:`connect`)."""

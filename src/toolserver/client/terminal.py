@@ -53,11 +53,16 @@ def raw_mode(fd: int) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-async def attach(base_url: str, session_id: str, stdin: int, stdout: int) -> int:
-    """Relay the session's terminal to ``stdin``/``stdout`` until its shell ends; its exit status."""
+async def attach(base_url: str, session_id: str, stdin: int, stdout: int, api_key: str | None = None) -> int:
+    """Relay the session's terminal to ``stdin``/``stdout`` until its shell ends; its exit status.
+
+    ``api_key`` (else ``$TOOLSERVER_API_KEY``) for a manager with API keys; credentials in
+    ``base_url`` work as well.
+    """
     loop = asyncio.get_running_loop()
     cols, rows = _size(stdout)
     url = f"{base_url.rstrip('/')}/terminal?{urlencode({'cols': cols, 'rows': rows})}"
+    headers = {**wire.cookie_headers(session_id), **wire.auth_headers(api_key)}
     keys: asyncio.Queue[bytes | str] = asyncio.Queue()  # keystrokes (bytes) and resizes (JSON text)
 
     def typed() -> None:
@@ -68,7 +73,7 @@ async def attach(base_url: str, session_id: str, stdin: int, stdout: int) -> int
 
     async with (
         aiohttp.ClientSession(trust_env=False) as http,
-        http.ws_connect(url, headers=wire.cookie_headers(session_id), autoclose=True) as ws,
+        http.ws_connect(url, headers=headers, autoclose=True) as ws,
     ):
 
         async def send_keys() -> None:
@@ -101,13 +106,13 @@ async def attach(base_url: str, session_id: str, stdin: int, stdout: int) -> int
     return status if status >= 0 else 128 - status  # killed by a signal: 128 + its number, as shells say
 
 
-def run(base_url: str, session_id: str) -> int:
+def run(base_url: str, session_id: str, api_key: str | None = None) -> int:
     """``toolserver shell``: the session's terminal on this process's terminal; its exit status."""
     stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
     sys.stdout.flush()
     with raw_mode(stdin):
         try:
-            return asyncio.run(attach(base_url, session_id, stdin, stdout))
+            return asyncio.run(attach(base_url, session_id, stdin, stdout, api_key))
         except aiohttp.WSServerHandshakeError as exc:
             message = f"GET /terminal: {exc.status} the manager refused the terminal"
             raise ClientError(message, exc.status, "the manager refused the terminal") from None

@@ -1,9 +1,9 @@
 """``GET /sessions``: the caller's sessions, optionally filtered by labels (``?label=key=value``).
 
 Each session as ``{"session_id", "short_id", "status", "health", "labels", "created_at",
-"last_req_time"}``; ``session_id`` is the cookie (``client.connect(session_id)`` uses it). Pool
-nodes are no one's session and never listed. Until sessions have owners (API keys) every session
-counts as the caller's, and labels are not stored yet: every session lists with ``{}``.
+"last_req_time"}``; ``session_id`` is the cookie (``client.connect(session_id)`` uses it). A
+caller sees the sessions its API key opened; an admin key (and everyone with ``auth: none``) sees
+every session of the manager. Pool nodes are no one's session and never listed.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 from toolserver.errors import InvalidRequest
 from toolserver.manager.activity import ActivityBuffer
-from toolserver.manager.models import ToolServerNode
+from toolserver.manager.auth import Caller
 from toolserver.manager.store import Store
 
 
@@ -32,19 +32,20 @@ def _iso(when: datetime) -> str:
     return when.isoformat() + "Z"
 
 
-def _labels(node: ToolServerNode) -> dict[str, str]:
-    return dict(getattr(node, "labels", None) or {})
-
-
 async def list_sessions(
-    store: Store, activity: ActivityBuffer, manager_id: str, labels: dict[str, str]
+    store: Store, activity: ActivityBuffer, manager_id: str, caller: Caller, labels: dict[str, str]
 ) -> dict[str, Any]:
-    """The sessions of ``manager_id`` carrying every label of ``labels``, oldest first."""
+    """The sessions of ``manager_id`` that ``caller`` may use and that carry every label of ``labels``,
+    oldest first."""
     nodes = sorted(await store.list_nodes(manager_id), key=lambda n: n.created_at)
     sessions = []
     for node in nodes:
-        own = _labels(node)
-        if node.pooled or any(own.get(k) != v for k, v in labels.items()):
+        own = dict(node.labels or {})
+        if (
+            node.pooled
+            or not caller.may_act_on(node.owner)
+            or any(own.get(k) != v for k, v in labels.items())
+        ):
             continue
         last = max(node.last_req_time, activity.pending(node.id) or node.last_req_time)
         sessions.append(

@@ -67,7 +67,7 @@ class WebSocketProxy:
         if origin is not None:
             return await send_json(deny, 403, {"detail": f"cross-origin WebSocket refused (Origin {origin})"})
         cookie = next((v for k, v in scope["headers"] if k == b"cookie"), b"").decode("latin-1")
-        route = await self.proxy.route(session_cookie(cookie)[0], deny)
+        route = await self.proxy.route(scope, session_cookie(cookie)[0], deny)
         if route is None:
             return None
         if (await receive())["type"] != "websocket.connect":
