@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support import ManagerProcess, wait_until
+from tests.support import ManagerProcess, terminal_transcript, wait_until
 from toolserver.client import (
     AsyncToolServerClient,
     BadArgumentsError,
@@ -54,6 +54,9 @@ def test_sessions_are_created_listed_connected_and_released(
     assert session.session_id in listed
     info = listed[session.session_id]
     assert info.status == "running" and info.health == "healthy"
+    assert info.labels == {"suite": "sdk"}  # stored with the session, listed with it
+    assert [s.session_id for s in client.list_sessions({"suite": "sdk"})] == [session.session_id]
+    assert client.list_sessions({"suite": "other"}) == []
     assert info.short_id == manager.node(session.session_id)["short_id"]
     # another client (another process, say) picks the session up by its id
     with ToolServerClient(manager.url) as other:
@@ -246,3 +249,47 @@ def test_the_readme_agent_loop(manager: ManagerProcess) -> None:
 
     assert namespace["agent"]("add the numbers", ask_llm) == "13"  # type: ignore[operator]
     assert history_seen[1][-1]["content"].startswith("exit 0")
+
+
+async def test_api_keys_own_their_sessions_and_terminals(tmp_path: Path) -> None:
+    """With API keys: each key lists only its own sessions (an admin all of them), and another
+    key's session is refused over HTTP and over the terminal's WebSocket alike."""
+    import aiohttp
+
+    from toolserver.client import AccessDeniedError
+
+    manager = ManagerProcess(tmp_path / "keys", auth="api_keys").start()
+    try:
+        alice_key, bob_key = manager.create_key("alice", "user"), manager.create_key("bob", "user")
+        admin_key = manager.create_key("ops", "admin")
+        with (
+            ToolServerClient(manager.url, api_key=alice_key) as alice,
+            ToolServerClient(manager.url, api_key=bob_key) as bob,
+            ToolServerClient(manager.url, api_key=admin_key) as admin,
+        ):
+            with pytest.raises(AccessDeniedError) as no_key:
+                ToolServerClient(manager.url, api_key="").list_sessions()
+            assert no_key.value.status_code == 401
+            with alice.create_session(labels={"who": "alice"}) as mine:
+                assert [s.labels for s in alice.list_sessions()] == [{"who": "alice"}]
+                assert bob.list_sessions() == [] and bob.list_sessions({"who": "alice"}) == []
+                assert [s.session_id for s in admin.list_sessions({"who": "alice"})] == [mine.session_id]
+                assert mine.run("echo mine").stdout == "mine\n"
+                with pytest.raises(AccessDeniedError):
+                    bob.connect(mine.session_id).run("echo theirs")
+                url = manager.url.replace("http", "ws") + "/terminal"
+                cookie = {"Cookie": f"node_id={mine.session_id}"}
+                async with aiohttp.ClientSession() as http:
+                    for key in (bob_key, None):
+                        headers = {**cookie, **({"Authorization": f"Bearer {key}"} if key else {})}
+                        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                            await http.ws_connect(url, headers=headers)
+                        assert refused.value.status == 403
+                    async with http.ws_connect(
+                        url, headers={**cookie, "Authorization": f"Bearer {alice_key}"}
+                    ) as ws:
+                        text, control = await terminal_transcript(ws, b"echo $((2*21)); exit\r")
+                assert "42" in text and control == {"type": "exit", "exit_code": 0}
+    finally:
+        leftovers = manager.cleanup()
+    assert not leftovers
