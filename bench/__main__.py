@@ -20,6 +20,7 @@ from bench import (
     checker_cost,
     checker_docker,
     churn,
+    first_byte,
     limits,
     machine,
     memory,
@@ -33,7 +34,18 @@ from bench.common import DOCS_DIR, RESULTS_DIR, Context, Outcome
 from bench.procs import cleanup_all, install_signal_handlers
 
 BENCHMARKS: dict[str, ModuleType] = {
-    m.NAME: m for m in (session_ready, proxy, streaming, checker_cost, checker_docker, memory, limits, churn)
+    m.NAME: m
+    for m in (
+        session_ready,
+        proxy,
+        streaming,
+        first_byte,
+        checker_cost,
+        checker_docker,
+        memory,
+        limits,
+        churn,
+    )
 }
 
 
