@@ -19,6 +19,7 @@ from types import ModuleType
 from bench import (
     checker_cost,
     checker_docker,
+    churn,
     first_byte,
     limits,
     machine,
@@ -34,7 +35,17 @@ from bench.procs import cleanup_all, install_signal_handlers
 
 BENCHMARKS: dict[str, ModuleType] = {
     m.NAME: m
-    for m in (session_ready, proxy, streaming, first_byte, checker_cost, checker_docker, memory, limits)
+    for m in (
+        session_ready,
+        proxy,
+        streaming,
+        first_byte,
+        checker_cost,
+        checker_docker,
+        memory,
+        limits,
+        churn,
+    )
 }
 
 

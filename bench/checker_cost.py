@@ -26,7 +26,8 @@ from bench import profiling
 from bench.common import Context, Figure, Outcome, at_most, summary
 from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.checker import NodeChecker
-from toolserver.manager.models import ToolServerNode
+from toolserver.manager.models import Ownership, ToolServerNode
+from toolserver.manager.sessions import SessionService
 from toolserver.manager.settings import Settings, load_settings
 from toolserver.manager.store import Store, open_store
 from toolserver.runtimes.base import HEALTHY, RUNNING, NodeInfo, NodeSpec
@@ -88,6 +89,7 @@ def _record(manager_id: str, short_id: str, port: int, runtime_root: Path) -> To
         manager_id,
         "process",
         short_id=short_id,
+        ownership=Ownership.SESSION,
         status=RUNNING,
         health=HEALTHY,
         ip="127.0.0.1",
@@ -111,7 +113,7 @@ async def _measure_size(root: Path, n: int, ticks: int) -> dict[str, Any]:
     nodes = {secrets.token_hex(6): 20000 + i for i in range(n)}
     runtime = CountingRuntime(settings, nodes)
     activity = ActivityBuffer(store)  # not started: the tick flushes it, as in the manager
-    checker = NodeChecker(settings, store, runtime, activity=activity, busy=set())
+    checker = NodeChecker(SessionService(settings, store, runtime, activity), activity=activity)
     try:
         records = [_record(settings.manager_id, sid, port, runtime.root) for sid, port in nodes.items()]
         ids = [r.id for r in records]

@@ -1,8 +1,9 @@
 """Benchmark 4b: the checker's tick with real Docker nodes (50 containers of the node image).
 
 No double here: the Docker runtime starts N real containers, their records go into a real SQLite
-store, and ``NodeChecker.tick()`` is timed as the manager runs it (one labelled list call to the
-Engine per tick, the records read and mirrored). The reference is the Engine's list call alone.
+store, and ``NodeChecker.tick()`` is timed as the manager runs it (one labelled container list
+and one dangling-volume list to the Engine per tick, the records read and mirrored). The reference
+is the Engine's container list call alone.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Any
 
 from bench import dockerenv
 from bench.common import Context, Figure, Outcome, summary
+from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.checker import NodeChecker
-from toolserver.manager.models import ToolServerNode
+from toolserver.manager.models import Ownership, ToolServerNode
+from toolserver.manager.sessions import SessionService
 from toolserver.manager.settings import load_settings
 from toolserver.manager.store import open_store
 from toolserver.runtimes import create_runtime
@@ -43,7 +46,7 @@ async def _measure(ctx: Context, n: int, ticks: int) -> dict[str, Any]:
     sem = asyncio.Semaphore(START_CONCURRENCY)
 
     async def start_one() -> None:
-        record = ToolServerNode.new(settings.manager_id, "docker")
+        record = ToolServerNode.new(settings.manager_id, "docker", ownership=Ownership.SESSION)
         async with sem:
             info = await runtime.create(NodeSpec(record.short_id, settings.manager_id, record.secret))
             states.append(info.state)
@@ -56,7 +59,7 @@ async def _measure(ctx: Context, n: int, ticks: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         await asyncio.gather(*(start_one() for _ in range(n)))
         started_s = time.perf_counter() - t0
-        checker = NodeChecker(settings, store, runtime)
+        checker = NodeChecker(SessionService(settings, store, runtime, ActivityBuffer(store)))
         for _ in range(3):
             await checker.tick()
         tick_ms, list_ms = [], []

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import psutil
+import pytest
 
 from toolserver import testing
 from toolserver.testing import (
@@ -25,6 +29,7 @@ from toolserver.testing.tiers import docker_unavailable_reason, marked_processes
 __all__ = [
     "NODE_IMAGE",
     "ManagerProcess",
+    "PostgresServer",
     "Tmux",
     "check_fuzzed_answer",
     "config_refusal",
@@ -127,6 +132,58 @@ def docker_containers(label: str) -> list[dict[str, str]]:
         check=True,
     ).stdout
     return [dict(zip(("id", "state", "name"), line.split(), strict=True)) for line in out.splitlines()]
+
+
+PG_BIN = Path("/usr/lib/postgresql")
+
+
+def _pg_tool(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    versions = sorted(PG_BIN.glob(f"*/bin/{name}")) if PG_BIN.exists() else []
+    return str(versions[-1]) if versions else None
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL server on 127.0.0.1, run as the postgres user when we are root."""
+
+    def __init__(self) -> None:
+        initdb, pg_ctl = _pg_tool("initdb"), _pg_tool("pg_ctl")
+        if not (initdb and pg_ctl):
+            pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
+        self.pg_ctl = pg_ctl
+        self.root = Path(tempfile.mkdtemp(prefix="toolserver-pg-"))  # not under pytest's 0700 tree
+        self.data = self.root / "data"
+        self.as_user: list[str] = []
+        if os.geteuid() == 0:  # initdb refuses to run as root
+            shutil.chown(self.root, "postgres")
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.port = free_port()
+        self.url = f"postgresql+asyncpg://toolserver@127.0.0.1:{self.port}/postgres"
+        subprocess.run(
+            [*self.as_user, initdb, "-D", str(self.data), "-U", "toolserver", "--auth=trust", "-E", "UTF8"],
+            check=True,
+            capture_output=True,
+        )
+
+    def start(self) -> None:
+        options = f"-h 127.0.0.1 -p {self.port} -k {self.root}"
+        log = str(self.root / "pg.log")
+        subprocess.run(
+            [*self.as_user, self.pg_ctl, "-D", str(self.data), "-l", log, "-w", "start", "-o", options],
+            check=True,
+            capture_output=True,
+        )
+
+    def stop(self) -> None:
+        subprocess.run(
+            [*self.as_user, self.pg_ctl, "-D", str(self.data), "-m", "immediate", "stop"], capture_output=True
+        )
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 class Tmux:

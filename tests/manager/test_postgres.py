@@ -3,74 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import ManagerProcess, free_port, wait_until
+from tests.support import ManagerProcess, PostgresServer, wait_until
 from toolserver.client import ToolServerClient
-from toolserver.manager.models import ToolServerNode, utcnow
-from toolserver.manager.store import KeyQuota, open_store
+from toolserver.manager.models import Ownership, ToolServerNode, utcnow
+from toolserver.manager.store import KeyQuota, open_store, this_process
 
 pytestmark = pytest.mark.postgres
-
-PG_BIN = Path("/usr/lib/postgresql")
-
-
-def _pg_tool(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    versions = sorted(PG_BIN.glob(f"*/bin/{name}")) if PG_BIN.exists() else []
-    return str(versions[-1]) if versions else None
-
-
-class PostgresServer:
-    """A throwaway PostgreSQL server on 127.0.0.1, run as the postgres user when we are root."""
-
-    def __init__(self) -> None:
-        initdb, pg_ctl = _pg_tool("initdb"), _pg_tool("pg_ctl")
-        if not (initdb and pg_ctl):
-            pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql)")
-        self.pg_ctl = pg_ctl
-        self.root = Path(tempfile.mkdtemp(prefix="toolserver-pg-"))  # not under pytest's 0700 tree
-        self.data = self.root / "data"
-        self.as_user: list[str] = []
-        if os.geteuid() == 0:  # initdb refuses to run as root
-            shutil.chown(self.root, "postgres")
-            self.as_user = ["runuser", "-u", "postgres", "--"]
-        self.port = free_port()
-        self.url = f"postgresql+asyncpg://toolserver@127.0.0.1:{self.port}/postgres"
-        subprocess.run(
-            [*self.as_user, initdb, "-D", str(self.data), "-U", "toolserver", "--auth=trust", "-E", "UTF8"],
-            check=True,
-            capture_output=True,
-        )
-
-    def start(self) -> None:
-        options = f"-h 127.0.0.1 -p {self.port} -k {self.root}"
-        log = str(self.root / "pg.log")
-        subprocess.run(
-            [*self.as_user, self.pg_ctl, "-D", str(self.data), "-l", log, "-w", "start", "-o", options],
-            check=True,
-            capture_output=True,
-        )
-
-    def stop(self) -> None:
-        subprocess.run(
-            [*self.as_user, self.pg_ctl, "-D", str(self.data), "-m", "immediate", "stop"], capture_output=True
-        )
-
-    def remove(self) -> None:
-        self.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -98,13 +42,16 @@ async def test_concurrent_claims_on_postgres_never_share_a_node(postgres_url: st
                     health="healthy",
                     secret="s",
                     pooled=True,
+                    ownership=Ownership.POOL,
                     runtime_state={},
                     last_req_time=now,
                     created_at=now,
                     status_changed_at=now,
                 )
             )
-        claims = await asyncio.gather(*(s.claim_pooled("pg-pool", "healthy") for s in stores * 5))
+        claims = await asyncio.gather(
+            *(s.claim_pooled("pg-pool", "healthy", creator=this_process(), deadline=now) for s in stores * 5)
+        )
         won = [node.id for node, _ in claims if node is not None]
         assert len(won) == 10 and len(set(won)) == 10
         assert await stores[0].count_pooled("pg-pool") == 0

@@ -71,7 +71,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     events = SessionEvents(store, keyring.name_of if keyring else lambda owner: owner or "-")
     sessions = SessionService(settings, store, runtime, activity, events=events, metrics=metrics)
     proxy = NodeProxy(sessions, activity, settings.node.request_timeout_seconds, metrics=metrics)
-    checker = NodeChecker(settings, store, runtime, activity=activity, busy=sessions.busy)
+    checker = NodeChecker(sessions, activity=activity)
     checker.on_tick = tick_observer(events, metrics)
     app.state.store, app.state.sessions, app.state.proxy, app.state.checker = store, sessions, proxy, checker
     app.state.keyring = keyring
@@ -343,10 +343,17 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> ManagerApp
 
         The body is optional (XAgent sends none): ``{"labels": {...}}``.
         """
-        node = await sessions_of(request).create(caller, options)
+        sessions = sessions_of(request)
+        node = await sessions.create(caller, options)
+        if await request.is_disconnected():  # nobody would get the cookie
+            log.info("client left during the create of node %s; removing it", node.short_id)
+            await sessions.discard(node)
+            return _error(503, "client disconnected")  # type: ignore[return-value]
         response = JSONResponse({"message": "add cookie", "version": settings.version})
         response.headers["Server"] = server_header
         response.set_cookie(COOKIE_NAME, node.id, httponly=True, samesite="lax")
+        # the record becomes the session's now, and the answer goes out with no I/O in between
+        await sessions.hand_over(node)
         return response  # type: ignore[return-value]
 
     @app.get("/sessions", responses=SESSION_ERRORS, tags=["sessions"])

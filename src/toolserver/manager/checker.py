@@ -1,10 +1,14 @@
 """The node checker: keeps the records true to what the runtime runs.
 
-Each tick, in one pass: read every node of this manager from the runtime (one ``list`` call), then
-the records; mirror status and health into the records; delete records whose node is gone; stop
-nodes idle for ``node.idling_close_minutes``; release nodes stopped for ``node.idling_release_minutes``;
-remove runtime nodes that carry this manager's mark but have no record. An error on one node is
-logged and the tick goes on. The loop runs while its NodeChecker record exists.
+Each tick, in one pass: read every node of this manager from the runtime (one ``list`` call, and
+what interrupted creates left behind), then the records; mirror status and health into the
+records; delete records whose node is gone; remove nodes whose create never finished (their
+creating process is gone, or their deadline passed) and finish releases that were cut short;
+stop nodes idle for ``node.idling_close_minutes``; release nodes stopped for
+``node.idling_release_minutes``; remove runtime nodes that carry this manager's mark but have no
+record. What a stop or a removal does is the session service's to decide: the checker calls it.
+An error on one node is logged and the tick goes on; records changing or vanishing under a tick
+are no error. The loop runs while its NodeChecker record exists.
 """
 
 from __future__ import annotations
@@ -20,20 +24,20 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from toolserver.errors import DatabaseUnavailable, NodeNotFound
+from toolserver.errors import DatabaseUnavailable, NodeNotFound, RuntimeBackendError, RuntimeUnavailable
 from toolserver.manager.activity import ActivityBuffer
-from toolserver.manager.models import STATUS_CREATED, STOPPED_STATUSES, ToolServerNode, utcnow
+from toolserver.manager.models import Ownership, ToolServerNode, utcnow
+from toolserver.manager.sessions import SessionService
 from toolserver.manager.settings import Settings
-from toolserver.manager.store import Store
-from toolserver.runtimes.base import CREATED, RUNNING, NodeInfo, Runtime
+from toolserver.manager.store import creator_alive
+from toolserver.runtimes.base import NodeInfo
+from toolserver.states import STOPPED_STATUSES, NodeStatus
 
 log = logging.getLogger(__name__)
 
 #: A standby checker retries registering every this many ticks (at least 1 s, at most the maximum).
 STANDBY_TICKS = 5
 STANDBY_MAX_SECONDS = 30.0
-#: Record statuses of a node between its insert and its first start (the seed's default, the runtime's word).
-NOT_STARTED = frozenset({STATUS_CREATED, CREATED})
 
 
 @dataclass
@@ -45,33 +49,47 @@ class TickReport:
     deleted: list[str] = field(default_factory=list)
     stopped: list[str] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
+    #: records of creates that never finished, and of releases cut short, removed with their nodes
+    removed: list[str] = field(default_factory=list)
+    #: runtime nodes (and leftovers of nodes) without a record, removed
     orphans: list[str] = field(default_factory=list)
     errors: int = 0
     seconds: float = 0.0
-    #: session events seen or caused: (node, kind, detail), kind "died", "closed" or "released"
+    #: session events the tick saw: (node, kind, detail), kind "died" (the session service records
+    #: the closes and releases it is asked for)
     events: list[tuple[ToolServerNode, str, str | None]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Action:
+    kind: str  # "stop" | "release" | "remove" | "remains"
+    node: ToolServerNode
+    why: str = ""
+    #: what the runtime reports of the node, when it does
+    info: NodeInfo | None = None
 
 
 class NodeChecker:
     def __init__(
         self,
-        settings: Settings,
-        store: Store,
-        runtime: Runtime,
+        sessions: SessionService,
         *,
         activity: ActivityBuffer | None = None,
-        busy: set[str] | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
-        self.settings = settings
-        self.store = store
-        self.runtime = runtime
+        self.sessions = sessions
+        self.settings = sessions.settings
+        self.store = sessions.store
+        self.runtime = sessions.runtime
         self.activity = activity
-        self.busy = busy if busy is not None else set()
+        self.busy = sessions.busy
         self.clock = clock
-        self.manager_id = settings.manager_id
+        self.manager_id = self.settings.manager_id
         self.pid = os.getpid()
         self._limit = asyncio.Semaphore(8)
+        #: (node, action) pairs whose failure was logged already: said once, not every tick
+        self._failing: set[tuple[str, str]] = set()
+        self._skipping: str | None = None
         #: awaited with the report of every tick the loop runs (metrics, session events)
         self.on_tick: Callable[[TickReport], Awaitable[None]] | None = None
 
@@ -81,14 +99,17 @@ class NodeChecker:
         started = time.perf_counter()
         report = TickReport()
         # runtime first, records second: a node that appears in the list always has its record by then
-        infos = {i.node_id: i for i in await self.runtime.list(self.manager_id)}
+        listed, leftovers = await asyncio.gather(
+            self.runtime.list(self.manager_id), self.runtime.leftovers(self.manager_id)
+        )
+        infos = {i.node_id: i for i in listed}
         if self.activity is not None:
             await self.activity.flush()
         records = await self.store.list_nodes(self.manager_id)
         report.nodes = len(records)
         now = self.clock()
         changes: dict[str, dict[str, Any]] = {}
-        actions: list[tuple[str, ToolServerNode]] = []
+        actions: list[_Action] = []
         known = set()
         for node in records:
             known.add(node.short_id)
@@ -105,9 +126,11 @@ class NodeChecker:
         if report.deleted:
             await self.store.delete_nodes(report.deleted)
         orphans = [i for sid, i in infos.items() if sid not in known]
+        debris = [i for i in leftovers if i.node_id not in known and i.node_id not in infos]
         await asyncio.gather(
-            *(self._act(kind, node, report) for kind, node in actions),
-            *(self._remove_orphan(i, report) for i in orphans),
+            *(self._act(action, report) for action in actions),
+            *(self._remove_orphan(i, report, listed=True) for i in orphans),
+            *(self._remove_orphan(i, report, listed=False) for i in debris),
         )
         report.seconds = time.perf_counter() - started
         return report
@@ -118,22 +141,29 @@ class NodeChecker:
         info: NodeInfo | None,
         now: datetime,
         changes: dict[str, dict[str, Any]],
-        actions: list[tuple[str, ToolServerNode]],
+        actions: list[_Action],
         report: TickReport,
     ) -> None:
         cfg = self.settings.node
+        if node.ownership == Ownership.STARTING:
+            # its creator writes it; once that process is gone, or past the deadline, nobody will
+            alive = creator_alive(node.creator)
+            if alive is False:
+                why = "its create was cut short (its process is gone)"
+                actions.append(_Action("remove", node, why, info))
+            elif node.deadline is None or now >= node.deadline:
+                why = "its create did not finish before its deadline"
+                actions.append(_Action("remove", node, why, info))
+            return
+        if node.ownership == Ownership.RELEASING:
+            actions.append(_Action("remove", node, "finishing its release", info))
+            return
         if info is None:
-            # A node another manager process is creating right now may be missing from the list
-            # taken a moment ago while its record already exists: leave young, never-started nodes be.
-            starting = node.status in NOT_STARTED and now - node.created_at < timedelta(
-                seconds=cfg.creation_wait_seconds
-            )
-            if not starting:
-                log.debug("checker: node %s no longer exists; deleting its record", node.short_id)
-                report.deleted.append(node.id)
-                actions.append(("cleanup", node))
-                if not node.pooled:
-                    report.events.append((node, "died", "the node no longer exists"))
+            log.debug("checker: node %s no longer exists; deleting its record", node.short_id)
+            report.deleted.append(node.id)
+            actions.append(_Action("remains", node, "its node vanished"))
+            if not node.pooled:
+                report.events.append((node, "died", "the node no longer exists"))
             return
         fields: dict[str, Any] = {}
         if info.status != node.status:
@@ -148,67 +178,84 @@ class NodeChecker:
             fields.update(ip=info.host, port=info.port, runtime_state=info.state)
         if fields:
             changes[node.id] = fields
-        if node.pooled:  # a pool node is never idle-closed; a dead one is released at once
+        if node.ownership == Ownership.POOL:  # a pool node is never idle-closed; a dead one goes at once
             if info.status in STOPPED_STATUSES:
-                actions.append(("release", node))
+                actions.append(_Action("release", node, "a warm-pool node that stopped"))
             return
-        if info.status == RUNNING:
+        if info.status == NodeStatus.RUNNING:
             last = node.last_req_time
             if self.activity is not None:
                 last = max(last, self.activity.pending(node.id) or last)
             if now - last >= timedelta(minutes=cfg.idling_close_minutes):
-                actions.append(("stop", node))
+                actions.append(_Action("stop", node))
         elif info.status in STOPPED_STATUSES and now - node.status_changed_at >= timedelta(
             minutes=cfg.idling_release_minutes
         ):
-            actions.append(("release", node))
+            since = node.status_changed_at.isoformat(timespec="seconds")
+            actions.append(_Action("release", node, f"stopped since {since}Z"))
 
-    async def _act(self, kind: str, node: ToolServerNode, report: TickReport) -> None:
+    async def _act(self, action: _Action, report: TickReport) -> None:
+        node = action.node
         async with self._limit:
             try:
-                if kind == "stop":
+                if action.kind == "stop":
                     log.debug("checker: stopping node %s, idle since %s", node.short_id, node.last_req_time)
-                    await self.runtime.stop(node.runtime_state, self.settings.node.stop_grace_seconds)
-                    await self.store.update_node(
-                        node.id,
-                        status="exited",
-                        health="unhealthy",
-                        status_changed_at=self.clock(),
-                        detail="stopped: idle",
-                    )
-                    report.stopped.append(node.id)
                     idle = self.settings.node.idling_close_minutes
-                    report.events.append(
-                        (node, "closed", f"idle for {idle:g} min (node.idling_close_minutes)")
-                    )
-                elif kind == "release":
-                    log.debug(
-                        "checker: releasing node %s, stopped since %s", node.short_id, node.status_changed_at
-                    )
-                    with contextlib.suppress(NodeNotFound):
-                        await self.runtime.remove(node.runtime_state)
-                    await self.store.delete_nodes([node.id])
-                    report.released.append(node.id)
-                    if not node.pooled:
-                        since = node.status_changed_at.isoformat(timespec="seconds")
-                        report.events.append((node, "released", f"stopped since {since}Z"))
-                else:  # "cleanup": the record is already deleted; remove what the node left behind
-                    with contextlib.suppress(NodeNotFound):
-                        await self.runtime.remove(node.runtime_state)
+                    await self.sessions.close_node(node, f"idle for {idle:g} min (node.idling_close_minutes)")
+                    report.stopped.append(node.id)
+                elif action.kind == "release":
+                    if await self.sessions.remove(node, action.why):
+                        report.released.append(node.id)
+                elif action.kind == "remove":
+                    log.info("checker: removing node %s: %s", node.short_id, action.why)
+                    state = action.info.state if action.info else None
+                    if await self.sessions.remove(node, action.why, state):
+                        report.removed.append(node.id)
+                else:  # "remains": the record is already deleted; remove what the node left behind
+                    await self.sessions.remove_remains(node.runtime_state, node.short_id, action.why)
+                self._failing.discard((node.id, action.kind))
+            except RuntimeBackendError as exc:
+                report.errors += 1
+                self._failed(
+                    (node.id, action.kind), f"checker: could not {action.kind} node {node.short_id}: {exc}"
+                )
             except Exception:
                 report.errors += 1
-                log.exception("checker: could not %s node %s", kind, node.short_id)
+                log.exception("checker: could not %s node %s", action.kind, node.short_id)
 
-    async def _remove_orphan(self, info: NodeInfo, report: TickReport) -> None:
+    async def _remove_orphan(self, info: NodeInfo, report: TickReport, listed: bool) -> None:
+        """Remove a node (``listed``) or the leftovers of one that has no record.
+
+        A listed node is looked at once more first: one released between the runtime's list and
+        the records' read has no record either, and is gone already.
+        """
         async with self._limit:
             try:
+                if listed:
+                    try:
+                        await self.runtime.inspect(info.state)
+                    except NodeNotFound:
+                        return
                 log.warning("checker: removing orphan node %s (no record)", info.node_id)
-                with contextlib.suppress(NodeNotFound):
-                    await self.runtime.remove(info.state)
+                await self.sessions.remove_remains(info.state, info.node_id, "no record")
                 report.orphans.append(info.node_id)
+                self._failing.discard((info.node_id, "orphan"))
+            except RuntimeBackendError as exc:
+                report.errors += 1
+                self._failed(
+                    (info.node_id, "orphan"), f"checker: could not remove orphan {info.node_id}: {exc}"
+                )
             except Exception:
                 report.errors += 1
                 log.exception("checker: could not remove orphan %s", info.node_id)
+
+    def _failed(self, key: tuple[str, str], message: str) -> None:
+        """Log a runtime failure the first time it happens to a node, not on every tick."""
+        if key not in self._failing:
+            self._failing.add(key)
+            log.warning(message)
+        else:
+            log.debug(message)
 
     # ---- the loop -----------------------------------------------------------------------------------
 
@@ -246,15 +293,19 @@ class NodeChecker:
                 if not await self.store.heartbeat_checker(self.manager_id, self.pid):
                     log.info("checker: NodeChecker record deleted; stopping")
                     return
-                report = await self.tick()
-                if report.errors:
-                    log.warning("checker: tick had %d errors", report.errors)
+                report = await self.tick()  # each error is logged where it happens
                 if self.on_tick is not None:
                     await self.on_tick(report)
+                if self._skipping is not None:
+                    log.info("checker: ticking again after the %s", self._skipping)
+                    self._skipping = None
             except asyncio.CancelledError:
                 raise
-            except DatabaseUnavailable as exc:
-                log.warning("checker: tick skipped (%s)", exc)
+            except (DatabaseUnavailable, RuntimeUnavailable) as exc:
+                what = "database outage" if isinstance(exc, DatabaseUnavailable) else "runtime outage"
+                if self._skipping is None:
+                    log.warning("checker: skipping ticks during the %s (%s)", what, exc)
+                self._skipping = what
             except Exception:
                 log.exception("checker: tick failed")
                 if self.on_tick is not None:
@@ -275,8 +326,9 @@ def run_standalone(settings: Settings) -> int:
     async def main() -> int:
         store = await open_store(settings.database_url)
         runtime = create_runtime(settings.runtime_config, settings.runtime_context())
-        checker = NodeChecker(settings, store, runtime)
-        checker.on_tick = tick_observer(SessionEvents(store, lambda owner: owner or "-"))
+        events = SessionEvents(store, lambda owner: owner or "-")
+        checker = NodeChecker(SessionService(settings, store, runtime, ActivityBuffer(store), events=events))
+        checker.on_tick = tick_observer(events)
         try:
             if not await checker.register():
                 log.error("a checker for manager %s is already running", settings.manager_id)

@@ -51,6 +51,7 @@ def redacted(node: ToolServerNode, now: datetime) -> dict[str, Any]:
         "health": node.health,
         "address": f"{node.ip}:{node.port}",
         "pooled": node.pooled,
+        "ownership": node.ownership,
         "created_at": node.created_at.isoformat() + "Z",
         "age_seconds": round((now - node.created_at).total_seconds()),
         "idle_seconds": round((now - node.last_req_time).total_seconds()),
@@ -73,16 +74,15 @@ def _duration(seconds: int) -> str:
 
 def format_table(rows: list[dict[str, Any]], with_manager: bool = False) -> str:
     """The rows of :func:`redacted` as an aligned text table."""
-    header = ["SHORT_ID", "SESSION", "MANAGER", "STATUS", "HEALTH", "ADDRESS", "POOLED", "CREATED", "IDLE"]
+    header = ["SHORT_ID", "SESSION", "MANAGER", "STATUS", "HEALTH", "ADDRESS", "OWNER", "CREATED", "IDLE"]
     table = [[*header, "DETAIL"]]
     for row in rows:
         detail = ((row["detail"] or "").strip().splitlines() or [""])[0]
         if len(detail) > DETAIL_WIDTH:
             detail = detail[: DETAIL_WIDTH - 1] + "…"
         age, idle = _duration(row["age_seconds"]) + " ago", _duration(row["idle_seconds"])
-        pooled = "yes" if row["pooled"] else "no"
         table.append([row[k] for k in ("short_id", "session", "manager_id", "status", "health", "address")])
-        table[-1] += [pooled, age, idle, detail]
+        table[-1] += [row["ownership"], age, idle, detail]
     if not with_manager:
         table = [line[:2] + line[3:] for line in table]
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]

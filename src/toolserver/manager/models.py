@@ -2,21 +2,48 @@
 plus ApiKey (who may use the manager) and SessionEvent (what happened to a session).
 
 Times are naive UTC (portable between SQLite and PostgreSQL).
+
+Every node record says who owns it (:class:`Ownership`), so that a checker can tell, from the
+record alone, a create in flight from a node nobody holds::
+
+    insert ──▶ starting ──(cookie handed over)──▶ session ──(release cut short)──▶ releasing
+                  │  ▲                                                               │
+     (pool node ready)  (claimed by /get_cookie)                       (checker finishes it)
+                  ▼  │
+                 pool
+
+A ``starting`` record belongs to the manager process named in ``creator`` until ``deadline``;
+past it, or once that process is gone, the checker removes the record and whatever the runtime
+made for it.
 """
 
 from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from toolserver.states import STOPPED_STATUSES, NodeHealth, NodeStatus
+
 #: Record status before the runtime reports one (the seed's default).
-STATUS_CREATED = "Created"
-#: Runtime statuses under which a node no longer serves.
-STOPPED_STATUSES = frozenset({"exited", "dead"})
+STATUS_CREATED = NodeStatus.NEW
+
+
+class Ownership(StrEnum):
+    """Who a node belongs to (the ``ownership`` column)."""
+
+    #: A manager process (``creator``) is creating it or handing it over, until ``deadline``.
+    STARTING = "starting"
+    #: A ready warm-pool node that no session holds yet.
+    POOL = "pool"
+    #: Its cookie has been handed to a client.
+    SESSION = "session"
+    #: Its session let go, but the runtime could not remove everything yet; the checker retries.
+    RELEASING = "releasing"
 
 
 def utcnow() -> datetime:
@@ -40,8 +67,8 @@ class ToolServerNode(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     short_id: Mapped[str] = mapped_column(String(32), unique=True, index=True)
     manager_id: Mapped[str] = mapped_column(String(255), index=True)
-    status: Mapped[str] = mapped_column(String(32), default=STATUS_CREATED)
-    health: Mapped[str] = mapped_column(String(32), default="Unknown")
+    status: Mapped[str] = mapped_column(String(32), default=NodeStatus.NEW)
+    health: Mapped[str] = mapped_column(String(32), default=NodeHealth.UNKNOWN)
     last_req_time: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     ip: Mapped[str] = mapped_column(String(255), default="0.0.0.0")
     port: Mapped[int] = mapped_column(Integer, default=0)
@@ -52,8 +79,14 @@ class ToolServerNode(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     status_changed_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     detail: Mapped[str | None] = mapped_column(Text, nullable=True, default=None)
-    #: A warm-pool node: started and healthy, not yet handed to a session.
+    #: The warm pool's node (started for it or ready in it); a claim clears it.
     pooled: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false(), index=True)
+    #: See :class:`Ownership`; ``creator`` and ``deadline`` are set while ``starting``.
+    ownership: Mapped[str] = mapped_column(
+        String(16), default=Ownership.STARTING, server_default=Ownership.SESSION.value, index=True
+    )
+    creator: Mapped[str | None] = mapped_column(String(255), nullable=True, default=None)
+    deadline: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, default=None)
     #: The id of the API key that opened the session; None with ``auth: none`` and for pool nodes.
     owner: Mapped[str | None] = mapped_column(String(32), nullable=True, default=None, index=True)
     #: The session's labels (``/get_cookie`` body), string to string.
@@ -69,8 +102,8 @@ class ToolServerNode(Base):
             "id": new_token(),
             "short_id": secrets.token_hex(6),
             "manager_id": manager_id,
-            "status": STATUS_CREATED,
-            "health": "Unknown",
+            "status": NodeStatus.NEW,
+            "health": NodeHealth.UNKNOWN,
             "runtime": runtime,
             "runtime_state": {},
             "secret": new_token(),
@@ -78,13 +111,19 @@ class ToolServerNode(Base):
             "created_at": now,
             "status_changed_at": now,
             "pooled": False,
+            "ownership": Ownership.STARTING,
+            "creator": None,
+            "deadline": None,
             "owner": None,
             "labels": {},
         }
         return cls(**(values | fields))
 
     def __repr__(self) -> str:  # never print the token
-        return f"<ToolServerNode {self.short_id} {self.status}/{self.health} {self.ip}:{self.port}>"
+        return (
+            f"<ToolServerNode {self.short_id} {self.ownership} {self.status}/{self.health} "
+            f"{self.ip}:{self.port}>"
+        )
 
 
 class NodeChecker(Base):
@@ -138,3 +177,18 @@ class SessionEvent(Base):
 
 #: Events that start a new session (counted by the ``starts_per_minute`` quota).
 START_EVENTS = ("created", "claimed")
+
+
+__all__ = [
+    "START_EVENTS",
+    "STATUS_CREATED",
+    "STOPPED_STATUSES",
+    "ApiKey",
+    "Base",
+    "NodeChecker",
+    "Ownership",
+    "SessionEvent",
+    "ToolServerNode",
+    "new_token",
+    "utcnow",
+]

@@ -12,6 +12,7 @@ import contextlib
 import logging
 
 from toolserver.errors import CapacityExceeded
+from toolserver.manager.models import Ownership
 from toolserver.manager.sessions import SessionService
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,5 @@ class WarmPool:
                 await self._task
         if release:
             nodes = await self.store.list_nodes(self.sessions.manager_id)
-            await asyncio.gather(
-                *(self.sessions.release_node(n) for n in nodes if n.pooled), return_exceptions=True
-            )
+            ready = [n for n in nodes if n.ownership == Ownership.POOL]  # not another process's starts
+            await asyncio.gather(*(self.sessions.release_node(n) for n in ready), return_exceptions=True)

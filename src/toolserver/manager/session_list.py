@@ -3,7 +3,8 @@
 Each session as ``{"session_id", "short_id", "status", "health", "labels", "created_at",
 "last_req_time"}``; ``session_id`` is the cookie (``client.connect(session_id)`` uses it). A
 caller sees the sessions its API key opened; an admin key (and everyone with ``auth: none``) sees
-every session of the manager. Pool nodes are no one's session and never listed.
+every session of the manager. Pool nodes, creates whose cookie has not gone out and releases
+under way are no one's session and never listed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from toolserver.errors import InvalidRequest
 from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.auth import Caller
+from toolserver.manager.models import Ownership
 from toolserver.manager.store import Store
 
 
@@ -42,7 +44,7 @@ async def list_sessions(
     for node in nodes:
         own = dict(node.labels or {})
         if (
-            node.pooled
+            node.ownership != Ownership.SESSION  # a create or release under way is no one's session yet
             or not caller.may_act_on(node.owner)
             or any(own.get(k) != v for k, v in labels.items())
         ):

@@ -1,8 +1,12 @@
-"""Session lifecycle: create a node for a session, wait until it serves, reconnect, close, release.
+"""Session lifecycle: create a node for a session, hand it over, reconnect, close, release, remove.
 
+This is the one place that decides what each change to a node does; the checker calls it too.
 Every operation on an existing session checks that the caller may act on it (its owner, or an
 admin key); a new session is checked against node.max_nodes and the caller's quotas in the same
-locked transaction that inserts its record (:meth:`Store.admit_node`).
+locked transaction that inserts its record (:meth:`Store.admit_node`). A record is inserted
+``starting``, owned by this process until a deadline (see
+:class:`~toolserver.manager.models.Ownership`), and becomes the session's only in
+:meth:`SessionService.hand_over`, just before the answer carrying its cookie goes out.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 from toolserver.errors import (
@@ -33,21 +38,26 @@ from toolserver.manager.auth import ANONYMOUS, Caller
 from toolserver.manager.events import SessionEvents
 from toolserver.manager.lookups import shared_lookup
 from toolserver.manager.metrics import Metrics
-from toolserver.manager.models import STOPPED_STATUSES, ToolServerNode, utcnow
+from toolserver.manager.models import Ownership, ToolServerNode, utcnow
 from toolserver.manager.settings import Settings
-from toolserver.manager.store import START_WINDOW, Admission, Store
+from toolserver.manager.store import START_WINDOW, Admission, Store, this_process
 from toolserver.protocol import RETRY_AFTER_SECONDS, SessionOptions
-from toolserver.runtimes.base import HEALTHY, RUNNING, NodeInfo, NodeSpec, Runtime
+from toolserver.runtimes.base import NodeInfo, NodeSpec, Runtime
+from toolserver.states import STOPPED_STATUSES, NodeHealth, NodeStatus
 
 log = logging.getLogger(__name__)
 
 #: How long a routing entry is trusted before the record is read again.
 ROUTE_TTL = 1.0
+#: After a failed read, how long routing serves known routes without asking the database again.
+DATABASE_RETRY_SECONDS = 1.0
 #: Longest pause between two readiness polls of a starting node (a poll is one cheap inspect).
 READY_POLL_MAX = 0.05
 MAX_TOKEN_LENGTH = 128
 #: Expired routes are dropped when the cache grows past this many entries.
 ROUTE_CACHE_PRUNE_AT = 1024
+#: Time a ready node's record may stay ``starting`` while its cookie is handed over.
+HANDOVER_SECONDS = 10.0
 
 
 def _checked_token(node_id: str | None) -> str:
@@ -67,8 +77,13 @@ class Route:
     host: str
     port: int
     secret: str
-    expires: float
+    #: monotonic time the record was read
+    loaded: float
     owner: str | None = None
+
+    @property
+    def expires(self) -> float:
+        return self.loaded + ROUTE_TTL
 
 
 def info_fields(info: NodeInfo) -> dict[str, Any]:
@@ -84,7 +99,7 @@ def info_fields(info: NodeInfo) -> dict[str, Any]:
 
 
 class SessionService:
-    """Owns every change a session makes to nodes and their records."""
+    """Owns every change a session (or the checker) makes to nodes and their records."""
 
     def __init__(
         self,
@@ -103,6 +118,10 @@ class SessionService:
         self.events = events or SessionEvents(store, lambda owner: owner or "-")
         self.metrics = metrics or Metrics()
         self.manager_id = settings.manager_id
+        #: this process, as the ``creator`` of the records it starts
+        self.creator = this_process()
+        #: the bound of a whole create: the runtime's create and start, then the readiness wait
+        self.create_timeout = settings.node.creation_wait_seconds + runtime.start_budget
         #: while True, new sessions are refused (existing ones keep working)
         self.draining = False
         #: new sessions of this process that found the warm pool empty
@@ -112,6 +131,7 @@ class SessionService:
         self._capacity = asyncio.Lock()
         self._routes: dict[str, Route] = {}
         self._lookups: dict[str, asyncio.Future[Route | None]] = {}
+        self._database_down: tuple[float, str] | None = None
         #: called after every warm-pool claim attempt (the pool refills itself)
         self.on_claim: Callable[[], None] | None = None
 
@@ -121,27 +141,40 @@ class SessionService:
         """The route for a session cookie; raises InvalidSession for a missing or unknown one.
 
         Routes are cached for ROUTE_TTL seconds; concurrent misses for one node share one read.
+        While the database cannot be read, a route read before the outage keeps serving for
+        ``database_outage_grace_seconds`` after that read; other cookies raise DatabaseUnavailable.
         """
         node_id = _checked_token(node_id)
+        now = time.monotonic()
         route = self._routes.get(node_id)
-        if route is not None and route.expires >= time.monotonic():
+        if route is not None and route.expires >= now:
             return route
-        route = await shared_lookup(self._lookups, node_id, lambda: self._load_route(node_id))
-        if route is None:
+        try:
+            if self._database_down is not None and now < self._database_down[0]:
+                # do not queue every request behind a dead connection
+                raise DatabaseUnavailable(self._database_down[1])
+            found = await shared_lookup(self._lookups, node_id, lambda: self._load_route(node_id))
+        except DatabaseUnavailable as exc:
+            if self._database_down is None or now >= self._database_down[0]:
+                self._database_down = (time.monotonic() + DATABASE_RETRY_SECONDS, str(exc))
+            if route is not None and now - route.loaded <= self.settings.database_outage_grace_seconds:
+                return route
+            raise
+        self._database_down = None
+        if found is None:
             raise InvalidSession(f"invalid node_id: {node_id}")
-        return route
+        return found
 
     async def _load_route(self, node_id: str) -> Route | None:
         node = await self.store.get_node(node_id)
         now = time.monotonic()
         if len(self._routes) > ROUTE_CACHE_PRUNE_AT:
-            self._routes = {k: r for k, r in self._routes.items() if r.expires >= now}
-        if node is None:
+            keep = max(self.settings.database_outage_grace_seconds, ROUTE_TTL)
+            self._routes = {k: r for k, r in self._routes.items() if now - r.loaded <= keep}
+        if node is None or node.ownership != Ownership.SESSION:  # only a handed-over cookie routes
             self._routes.pop(node_id, None)
             return None
-        route = Route(
-            node.id, node.short_id, node.status, node.ip, node.port, node.secret, now + ROUTE_TTL, node.owner
-        )
+        route = Route(node.id, node.short_id, node.status, node.ip, node.port, node.secret, now, node.owner)
         self._routes[node_id] = route
         return route
 
@@ -200,11 +233,20 @@ class SessionService:
         if refused:
             raise self._refusal(Admission(False, live, owned, refused_by=refused), caller)
 
+    def _deadline(self, seconds: float) -> datetime:
+        return utcnow() + timedelta(seconds=seconds + HANDOVER_SECONDS)
+
     async def _reserve(self, pooled: bool, caller: Caller, labels: dict[str, str] | None) -> ToolServerNode:
         """Insert a new record unless the manager is at node.max_nodes or the caller at a quota
         (atomic across processes)."""
         node = ToolServerNode.new(
-            self.manager_id, self.runtime.name, pooled=pooled, owner=caller.key_id, labels=labels or {}
+            self.manager_id,
+            self.runtime.name,
+            pooled=pooled,
+            owner=caller.key_id,
+            labels=labels or {},
+            creator=self.creator,
+            deadline=self._deadline(self.create_timeout),
         )
         async with self._capacity:  # within this process, callers queue here rather than in the database
             admission = await self.store.admit_node(node, self.settings.node.max_nodes, caller.quota)
@@ -215,16 +257,23 @@ class SessionService:
     async def create(
         self, caller: Caller = ANONYMOUS, options: SessionOptions | None = None
     ) -> ToolServerNode:
-        """A node for a new session of ``caller``: a ready warm-pool node if there is one, else a
-        cold start. Draining, QuotaExceeded or CapacityExceeded when none may start now."""
+        """A ready node for a new session of ``caller``, still ``starting``: hand it over with
+        :meth:`hand_over`. A ready warm-pool node if there is one, else a cold start. Draining,
+        QuotaExceeded or CapacityExceeded when none may start now."""
         if self.draining:
             raise Draining("this manager is draining: it takes no new sessions (use another manager)")
         options = options or SessionOptions()
         started = time.monotonic()
         if self.settings.node.warm_pool_size > 0:
-            health = HEALTHY if self.settings.node.health_check else None
+            health = NodeHealth.HEALTHY if self.settings.node.health_check else None
             node, admission = await self.store.claim_pooled(
-                self.manager_id, health, owner=caller.key_id, labels=options.labels, quota=caller.quota
+                self.manager_id,
+                health,
+                creator=self.creator,
+                deadline=self._deadline(0),
+                owner=caller.key_id,
+                labels=options.labels,
+                quota=caller.quota,
             )
             if self.on_claim is not None:
                 self.on_claim()
@@ -243,39 +292,83 @@ class SessionService:
         self.events.log(node, "created", f"cold start, {seconds:.2f} s")
         return node
 
+    async def hand_over(self, node: ToolServerNode) -> None:
+        """Make ``node`` its session's, right before the answer with its cookie goes out.
+
+        Raises NodeStartError when its record was removed meanwhile (past its deadline), and
+        DatabaseUnavailable when the record cannot be written; either way the node is discarded.
+        """
+        try:
+            handed = await self.store.hand_over(node.id)
+        except BaseException:
+            await asyncio.shield(self.discard(node))
+            raise
+        if not handed:
+            await self.discard(node)
+            raise NodeStartError(
+                f"node {node.short_id} was removed before its cookie went out (the create outlived its "
+                "deadline); retry"
+            )
+
+    async def discard(self, node: ToolServerNode) -> None:
+        """Remove a node no client received and its record (a client that left during its create)."""
+        await self._discard(node, node.runtime_state)
+
     async def start_node(
         self, pooled: bool = False, caller: Caller = ANONYMOUS, labels: dict[str, str] | None = None
     ) -> ToolServerNode:
-        """Create, start and wait for a new node; on any failure nothing is left behind."""
+        """Create, start and wait for a new node; on any failure nothing is left behind.
+
+        The whole of it is bounded by ``create_timeout`` (the runtime's start budget plus
+        ``node.creation_wait_seconds``). A pool node joins the pool once ready; a session's stays
+        ``starting`` until :meth:`hand_over`.
+        """
         node = await self._reserve(pooled, caller, labels)
         async with self._busy(node.id):
             state: dict[str, Any] = {}
             try:
-                spec = NodeSpec(node_id=node.short_id, manager_id=self.manager_id, secret=node.secret)
-                info = await self.runtime.create(spec)
-                state = info.state
-                await self.store.update_node(node.id, **info_fields(info))
-                info = await self.runtime.start(state)
-                state = info.state
-                info = await self.wait_ready(state)
+                async with asyncio.timeout(self.create_timeout):
+                    spec = NodeSpec(node_id=node.short_id, manager_id=self.manager_id, secret=node.secret)
+                    info = await self.runtime.create(spec)
+                    state = info.state
+                    await self.store.update_node(node.id, **info_fields(info))
+                    info = await self.runtime.start(state)
+                    state = info.state
+                    info = await self.wait_ready(state)
             except BaseException as exc:
                 await asyncio.shield(self._discard(node, state))
-                if not pooled:
-                    reason = str(exc) or type(exc).__name__
+                error = self._start_error(node, exc)
+                if error is not None and not pooled:
+                    reason = str(error) or type(error).__name__
                     await self.events.record(node, "failed", reason, level=logging.WARNING)
-                if isinstance(exc, NodeStartError | RuntimeBackendError):
-                    self.metrics.runtime_errors.labels(type(exc).__name__).inc()
+                if isinstance(error, NodeStartError | RuntimeBackendError):
+                    self.metrics.runtime_errors.labels(type(error).__name__).inc()
+                if error is None or error is exc:
                     raise
-                if isinstance(exc, Exception):
-                    raise NodeStartError(f"node {node.short_id} failed to start: {exc}") from exc
-                raise
+                raise error from exc
             fields = info_fields(info)
+            if pooled:
+                fields.update(ownership=Ownership.POOL, creator=None, deadline=None)
             await self.store.update_node(
                 node.id, **fields, status_changed_at=utcnow(), last_req_time=utcnow()
             )
             node.status, node.health, node.ip, node.port = info.status, info.health, info.host, info.port
+            node.runtime_state = info.state
             log.debug("node %s ready at %s:%s", node.short_id, info.host, info.port)
             return node
+
+    def _start_error(self, node: ToolServerNode, exc: BaseException) -> Exception | None:
+        """What a failed start answers: the error as it is, a NodeStartError, or None (cancelled)."""
+        if isinstance(exc, TimeoutError):
+            return NodeStartError(
+                f"node {node.short_id} not ready after {self.create_timeout:g} s (the runtime's create "
+                "and start, then node.creation_wait_seconds)"
+            )
+        if isinstance(exc, NodeStartError | RuntimeBackendError | DatabaseUnavailable):
+            return exc
+        if isinstance(exc, Exception):
+            return NodeStartError(f"node {node.short_id} failed to start: {exc}")
+        return None
 
     async def wait_ready(self, state: dict[str, Any]) -> NodeInfo:
         """Poll the runtime until the node is healthy (health_check on) or running (off)."""
@@ -287,9 +380,9 @@ class SessionService:
             if info.status in STOPPED_STATUSES:
                 raise NodeStartError(f"node exited while starting ({info.detail or 'no detail'})")
             if self.settings.node.health_check:
-                if info.health == HEALTHY:
+                if info.health == NodeHealth.HEALTHY:
                     return info
-            elif info.status == RUNNING:
+            elif info.status == NodeStatus.RUNNING:
                 return info
             if time.monotonic() >= deadline:
                 raise NodeStartError(
@@ -300,23 +393,42 @@ class SessionService:
             delay = min(delay * 1.5, READY_POLL_MAX)
 
     async def _discard(self, node: ToolServerNode, state: dict[str, Any]) -> None:
-        try:
-            if state:
-                await self.runtime.kill(state)
-                await self.runtime.remove(state)
-        except NodeNotFound:
-            pass
-        except Exception:
-            log.exception("could not remove node %s after a failed start", node.short_id)
-        await self.store.delete_nodes([node.id])
+        """Remove a node whose create or hand-over failed, and its record. What the runtime cannot
+        remove now (Docker going down, say) the checker removes once it can: the record becomes
+        ``releasing`` (or, when even that cannot be written, stays ``starting`` until its deadline)."""
         self.activity.forget(node.id)
+        try:
+            try:
+                if state:
+                    await self._kill_and_remove(state)
+            except Exception as exc:
+                log.warning(
+                    "node %s: removing it after a failed start failed (%s); retrying later",
+                    node.short_id,
+                    exc,
+                )
+                await self.store.update_node(
+                    node.id,
+                    ownership=Ownership.RELEASING,
+                    creator=None,
+                    deadline=None,
+                    detail=f"removal pending: {exc}",
+                )
+                return
+            await self.store.delete_nodes([node.id])
+        except DatabaseUnavailable as exc:
+            log.warning("node %s: its record stays until its deadline (%s)", node.short_id, exc)
 
-    async def session(self, node_id: str | None, caller: Caller = ANONYMOUS) -> ToolServerNode:
-        """The record of the session with cookie ``node_id``: InvalidSession when there is none,
+    async def session(
+        self, node_id: str | None, caller: Caller = ANONYMOUS, *, releasing: bool = False
+    ) -> ToolServerNode:
+        """The record of the session with cookie ``node_id``: InvalidSession when there is none (or
+        its cookie was never handed over; with ``releasing``, a release under way counts),
         NotYourSession when it belongs to another key."""
         node_id = _checked_token(node_id)
         node = await self.store.get_node(node_id)
-        if node is None or node.pooled:
+        allowed = (Ownership.SESSION, Ownership.RELEASING) if releasing else (Ownership.SESSION,)
+        if node is None or node.ownership not in allowed:
             raise InvalidSession(f"invalid node_id: {node_id}")
         caller.check_owner(node.owner)
         return node
@@ -338,21 +450,27 @@ class SessionService:
             if node.status in STOPPED_STATUSES:
                 async with self._capacity:
                     await self._check_capacity(node, caller)
-                    await self.store.update_node(node.id, status="restarting", status_changed_at=utcnow())
+                    await self.store.update_node(
+                        node.id, status=NodeStatus.RESTARTING, status_changed_at=utcnow()
+                    )
             try:
                 info = await self.runtime.restart(node.runtime_state, self.settings.node.stop_grace_seconds)
                 info = await self.wait_ready(info.state)
             except NodeNotFound:
                 await self.store.update_node(
                     node.id,
-                    status="exited",
-                    health="unhealthy",
+                    status=NodeStatus.EXITED,
+                    health=NodeHealth.UNHEALTHY,
                     detail="the node is gone; release the session",
                 )
                 raise
             except NodeStartError as exc:
                 await self.store.update_node(
-                    node.id, status="exited", health="unhealthy", detail=str(exc), status_changed_at=utcnow()
+                    node.id,
+                    status=NodeStatus.EXITED,
+                    health=NodeHealth.UNHEALTHY,
+                    detail=str(exc),
+                    status_changed_at=utcnow(),
                 )
                 await self.events.record(node, "failed", f"reconnect: {exc}", level=logging.WARNING)
                 raise
@@ -374,29 +492,91 @@ class SessionService:
     async def _stop(self, node: ToolServerNode, detail: str | None = None, event: bool = True) -> None:
         with contextlib.suppress(NodeNotFound):
             await self.runtime.stop(node.runtime_state, self.settings.node.stop_grace_seconds)
-        await self.store.update_node(node.id, status="exited", health="unhealthy", status_changed_at=utcnow())
+        await self.store.update_node(
+            node.id,
+            status=NodeStatus.EXITED,
+            health=NodeHealth.UNHEALTHY,
+            status_changed_at=utcnow(),
+            **({"detail": f"stopped: {detail}"} if detail else {}),
+        )
         if event:
             await self.events.record(node, "closed", detail)
 
     async def release(self, node_id: str | None, caller: Caller = ANONYMOUS) -> ToolServerNode:
-        """Kill and remove the session's node and delete its record."""
-        return await self.release_node(await self.session(node_id, caller))
+        """Kill and remove the session's node and delete its record.
+
+        When the runtime cannot remove it all (an unwritable data directory, Docker down), the
+        runtime's error is raised and the record stays as ``releasing``: the checker finishes the
+        removal once the runtime allows it, and a second release retries at once.
+        """
+        return await self.release_node(await self.session(node_id, caller, releasing=True))
 
     async def release_node(self, node: ToolServerNode, detail: str | None = None) -> ToolServerNode:
-        async with self._busy(node.id):
-            await self._release(node, detail)
+        """:meth:`remove` a session's (or a pool's) node, recording its ``released`` event."""
+        await self.remove(node, detail)
         return node
 
-    async def _release(self, node: ToolServerNode, detail: str | None = None) -> None:
-        with contextlib.suppress(NodeNotFound):
-            await self.runtime.kill(node.runtime_state)
-            await self.runtime.remove(node.runtime_state)
-        await self.store.delete_nodes([node.id])
-        self.activity.forget(node.id)
+    async def remove(
+        self, node: ToolServerNode, detail: str | None = None, state: dict[str, Any] | None = None
+    ) -> bool:
+        """Kill and remove ``node`` and everything the runtime made for it, then delete its record.
+
+        Used for a session's release and by the checker (long-stopped nodes, creates that never
+        finished, releases cut short), which passes the runtime's ``state`` when it has a fresher
+        one than the record (a create cut short before writing it). The record is marked
+        ``releasing`` first, if it is still owned as ``node`` says (else it changed hands meanwhile,
+        a hand-over say, and is left alone): when that write fails nothing has changed yet; after
+        it, whatever stops the removal (a runtime error, a crash) leaves a record the checker
+        finishes. Records the ``released`` event of a session's node (``failed`` for a create that
+        never finished). Returns whether it removed the node.
+        """
+        was = node.ownership
+        async with self._busy(node.id):
+            if was != Ownership.RELEASING:
+                if not await self.store.mark_releasing(node.id, was):
+                    log.info("node %s changed hands meanwhile; not removing it", node.short_id)
+                    return False
+                node.ownership = Ownership.RELEASING
+            self.activity.forget(node.id)
+            state = state or node.runtime_state or {"node_id": node.short_id}  # a create cut short
+            killed = False
+            try:
+                with contextlib.suppress(NodeNotFound):
+                    await self.runtime.kill(state)
+                killed = True
+                with contextlib.suppress(NodeNotFound):
+                    await self.runtime.remove(state)
+            except RuntimeBackendError as exc:
+                fields: dict[str, Any] = {"detail": f"removal pending: {exc}"}
+                if killed:  # it no longer runs (nor counts against node.max_nodes)
+                    fields.update(status=NodeStatus.EXITED, health=NodeHealth.UNHEALTHY)
+                await self.store.update_node(node.id, **fields)
+                raise type(exc)(
+                    f"{exc}; node {node.short_id} is released and is removed as soon as the runtime "
+                    "allows (repeating the release is safe)"
+                ) from exc
+            await self.store.delete_nodes([node.id])
         if node.pooled:
-            log.debug("pool node %s released", node.short_id)
+            log.debug("pool node %s removed", node.short_id)
+        elif was == Ownership.STARTING:
+            await self.events.record(
+                node, "failed", detail or "its create never finished", level=logging.WARNING
+            )
         else:
             await self.events.record(node, "released", detail)
+        return True
+
+    async def remove_remains(self, state: dict[str, Any], short_id: str, why: str) -> None:
+        """Remove what the runtime still holds of a node that has no record (any more)."""
+        await self._kill_and_remove(state)
+        log.info("node %s: removed what the runtime held (%s)", short_id, why)
+
+    async def _kill_and_remove(self, state: dict[str, Any]) -> None:
+        """Kill, then remove; a node already (partly) gone counts as done."""
+        with contextlib.suppress(NodeNotFound):
+            await self.runtime.kill(state)
+        with contextlib.suppress(NodeNotFound):
+            await self.runtime.remove(state)
 
     async def stop_all(self) -> None:
         """Stop every running node of this manager (shutdown with node.on_shutdown = stop).

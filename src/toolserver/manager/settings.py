@@ -123,6 +123,9 @@ class Settings(EnvOverYamlSettings):
     limits: RequestLimits = Field(default_factory=RequestLimits)
     metrics_listen: str | None = Field(None, description="host:port serving /metrics without a key")
     log_format: Literal["text", "json"] = "text"
+    database_outage_grace_seconds: float = Field(
+        60, ge=0, description="while the database is down, serve sessions whose route is known this long"
+    )
     node: NodeSettings = Field(default_factory=NodeSettings)
     redirect_to_node_path: RedirectPaths = Field(default_factory=RedirectPaths)
     _ignored_keys: tuple[str, ...] = PrivateAttr(())

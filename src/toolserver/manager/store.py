@@ -14,7 +14,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, delete, event, func, select, text, update
+import psutil
+from sqlalchemy import Select, bindparam, delete, event, func, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -22,13 +23,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from toolserver.errors import DatabaseUnavailable
 from toolserver.manager.models import (
     START_EVENTS,
-    STOPPED_STATUSES,
     ApiKey,
     NodeChecker,
+    Ownership,
     SessionEvent,
     ToolServerNode,
     utcnow,
 )
+from toolserver.states import STOPPED_STATUSES, NodeStatus
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,34 @@ class Admission:
     starts: int = 0  # sessions the key started within START_WINDOW (starts_per_minute)
     oldest_start: datetime | None = None  # the first of those starts
     refused_by: str | None = None  # "max_nodes", "max_sessions" or "starts_per_minute"
+
+
+_NODES = ToolServerNode.__table__
+
+
+def this_process() -> str:
+    """This manager process as a record's ``creator``: ``host/pid/start time``."""
+    return f"{socket.gethostname()}/{os.getpid()}/{psutil.Process().create_time():.2f}"
+
+
+def creator_alive(creator: str | None) -> bool | None:
+    """Whether the manager process named ``creator`` (see :func:`this_process`) still runs.
+
+    None when that cannot be told from here: another host's process (its record's deadline
+    decides), or a name that does not parse.
+    """
+    host, _, rest = (creator or "").partition("/")
+    pid, _, started = rest.partition("/")
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        proc = psutil.Process(int(pid))
+        same = abs(proc.create_time() - float(started)) < 0.05
+        return same and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except (psutil.Error, ValueError):
+        return None
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -253,21 +283,26 @@ class Store:
         manager_id: str,
         health: str | None,
         *,
+        creator: str,
+        deadline: datetime,
         owner: str | None = None,
         labels: dict[str, str] | None = None,
         quota: KeyQuota | None = None,
     ) -> tuple[ToolServerNode | None, Admission]:
         """Take one ready pool node for a session of ``owner``; atomic across processes sharing the database.
 
-        A node qualifies when running and, if ``health`` is given, with that health. One
-        ``UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED) AND pooled RETURNING`` statement:
-        PostgreSQL hands concurrent claimers different rows, SQLite serialises writers. With a
-        ``quota`` the key's usage is checked first, under the key's lock (as in :meth:`admit_node`).
+        A node qualifies when in the pool, running and, if ``health`` is given, with that health.
+        It leaves the pool as ``starting``, owned by ``creator`` until ``deadline`` (until its
+        cookie is handed over, see :meth:`hand_over`). One ``UPDATE … WHERE id = (SELECT … FOR
+        UPDATE SKIP LOCKED) AND pooled RETURNING`` statement: PostgreSQL hands concurrent claimers
+        different rows, SQLite serialises writers. With a ``quota`` the key's usage is checked
+        first, under the key's lock (as in :meth:`admit_node`).
         """
         pick = select(ToolServerNode.id).where(
             ToolServerNode.manager_id == manager_id,
             ToolServerNode.pooled.is_(True),
-            ToolServerNode.status == "running",
+            ToolServerNode.ownership == Ownership.POOL,
+            ToolServerNode.status == NodeStatus.RUNNING,
         )
         if health is not None:
             pick = pick.where(ToolServerNode.health == health)
@@ -275,7 +310,15 @@ class Store:
         claim = (
             update(ToolServerNode)
             .where(ToolServerNode.id == pick, ToolServerNode.pooled.is_(True))
-            .values(pooled=False, last_req_time=utcnow(), owner=owner, labels=labels or {})
+            .values(
+                pooled=False,
+                ownership=Ownership.STARTING,
+                creator=creator,
+                deadline=deadline,
+                last_req_time=utcnow(),
+                owner=owner,
+                labels=labels or {},
+            )
             .returning(ToolServerNode)
         )
         async with self._write() as s:
@@ -290,23 +333,61 @@ class Store:
                 s.add(SessionEvent(short_id=node.short_id, owner=owner, kind="claimed", at=utcnow()))
             return node, Admission(True, **usage)
 
+    async def hand_over(self, node_id: str) -> bool:
+        """Make a ``starting`` record its session's: the cookie is about to go out. False when the
+        record is no longer ``starting`` (a checker removed it past its deadline, say)."""
+        q = (
+            update(ToolServerNode)
+            .where(ToolServerNode.id == node_id, ToolServerNode.ownership == Ownership.STARTING)
+            .values(ownership=Ownership.SESSION, creator=None, deadline=None, last_req_time=utcnow())
+        )
+        async with self._write() as s:
+            return bool((await s.execute(q)).rowcount)
+
+    async def mark_releasing(self, node_id: str, ownership: str) -> bool:
+        """Make a record ``releasing`` if it is still ``ownership``; False when it changed (a
+        hand-over won the race, say) or is gone."""
+        q = (
+            update(ToolServerNode)
+            .where(ToolServerNode.id == node_id, ToolServerNode.ownership == ownership)
+            .values(ownership=Ownership.RELEASING, creator=None, deadline=None)
+        )
+        async with self._write() as s:
+            return bool((await s.execute(q)).rowcount)
+
     async def update_node(self, node_id: str, **fields: Any) -> None:
         await self.update_nodes({node_id: fields})
 
     async def update_nodes(self, changes: Mapping[str, Mapping[str, Any]]) -> None:
-        """Apply per-node field updates in one transaction: one executemany per set of fields."""
+        """Apply per-node field updates in one transaction: one executemany per set of fields.
+
+        ``UPDATE … WHERE id = :id`` in Core: a record deleted meanwhile simply matches no row (an
+        ORM bulk update would fail the whole batch with StaleDataError).
+        """
         if not changes:
             return
-        groups: dict[frozenset[str], list[dict[str, Any]]] = {}
+        groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
         for node_id, fields in changes.items():
-            groups.setdefault(frozenset(fields), []).append({"id": node_id, **fields})
+            keys = tuple(sorted(fields))
+            groups.setdefault(keys, []).append({"b_id": node_id, **{f"b_{k}": v for k, v in fields.items()}})
         async with self._write() as s:
-            for rows in groups.values():
-                await s.execute(update(ToolServerNode), rows)  # ORM bulk UPDATE by primary key
+            for keys, rows in groups.items():
+                values = {k: bindparam(f"b_{k}", type_=_NODES.c[k].type) for k in keys}
+                q = update(_NODES).where(_NODES.c.id == bindparam("b_id")).values(values)
+                await s.execute(q, rows)
 
     async def touch_nodes(self, times: Mapping[str, datetime]) -> None:
-        """Write buffered last request times."""
-        await self.update_nodes({node_id: {"last_req_time": when} for node_id, when in times.items()})
+        """Write buffered last request times; a time never moves a record's backwards, and a
+        record deleted meanwhile is skipped."""
+        if not times:
+            return
+        q = (
+            update(_NODES)
+            .where(_NODES.c.id == bindparam("b_id"), _NODES.c.last_req_time < bindparam("b_when"))
+            .values(last_req_time=bindparam("b_when"))
+        )
+        async with self._write() as s:
+            await s.execute(q, [{"b_id": node_id, "b_when": when} for node_id, when in times.items()])
 
     async def delete_nodes(self, node_ids: Iterable[str]) -> None:
         ids = list(node_ids)
@@ -443,4 +524,4 @@ async def open_store(url: str) -> Store:
     return store
 
 
-__all__ = ["Admission", "KeyQuota", "Store", "open_store", "pid_alive"]
+__all__ = ["Admission", "KeyQuota", "Store", "creator_alive", "open_store", "pid_alive", "this_process"]

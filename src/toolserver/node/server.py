@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -35,6 +37,7 @@ def serve(
     # SIGTERM before uvicorn takes over (startup), or re-raised by uvicorn after its graceful
     # shutdown: leave with status 0 rather than die from the signal
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    close_inherited(keep=fd)
 
     import uvicorn
 
@@ -64,6 +67,37 @@ def serve(
     )
     sockets = [socket.socket(fileno=fd)] if fd is not None else None
     server.run(sockets=sockets)
+
+
+def close_inherited(keep: int | None = None) -> list[int]:
+    """Close the descriptors this process inherited beyond stdin, stdout and stderr, except ``keep``
+    (the listening socket), which stays open but is no longer inheritable; returns those closed.
+
+    Nothing the node holds may reach its tools' processes: a shell job that inherited the listening
+    socket would keep the port open after the node died, and requests would queue there unanswered.
+    Python opens every descriptor of its own non-inheritable (PEP 446), so what is inheritable here
+    came from the parent (uvloop's spawn leaves copies of the child's stdio, for one).
+    """
+    closed = []
+    for fd in _open_descriptors():
+        if fd <= 2:
+            continue
+        try:
+            if fd == keep:
+                os.set_inheritable(fd, False)
+            elif os.get_inheritable(fd):
+                os.close(fd)
+                closed.append(fd)
+        except OSError:  # closed meanwhile (the listing's own descriptor)
+            continue
+    return closed
+
+
+def _open_descriptors() -> list[int]:
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        with contextlib.suppress(OSError):
+            return sorted(int(name) for name in os.listdir(listing))
+    return []
 
 
 def _websocket_protocol(*args: Any, **kwargs: Any) -> Any:

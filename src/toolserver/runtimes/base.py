@@ -30,17 +30,20 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo
 
+from toolserver.states import NodeHealth, NodeStatus
+
 #: Label/mark keys put on everything a runtime creates.
 LABEL_MANAGER = "toolserver.manager_id"
 LABEL_NODE = "toolserver.node_id"
 
-RUNNING = "running"
-EXITED = "exited"
-CREATED = "created"
-HEALTHY = "healthy"
-UNHEALTHY = "unhealthy"
-STARTING = "starting"
-UNKNOWN_HEALTH = "Unknown"
+# the words of toolserver.states, under the names the runtimes use
+RUNNING = NodeStatus.RUNNING
+EXITED = NodeStatus.EXITED
+CREATED = NodeStatus.CREATED
+HEALTHY = NodeHealth.HEALTHY
+UNHEALTHY = NodeHealth.UNHEALTHY
+STARTING = NodeHealth.STARTING
+UNKNOWN_HEALTH = NodeHealth.UNKNOWN
 
 
 class ResourceLimits(BaseModel):
@@ -138,6 +141,10 @@ class Runtime(abc.ABC):
         self.config = config
         self.context = context
 
+    #: Longest the runtime's create and start of one node may take together. The manager bounds a
+    #: whole create by this plus ``node.creation_wait_seconds`` (a starting record's deadline).
+    start_budget: ClassVar[float] = 30.0
+
     @abc.abstractmethod
     async def create(self, spec: NodeSpec) -> NodeInfo:
         """Create the node (not necessarily started); return its info with a serialisable state."""
@@ -170,6 +177,12 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def list(self, manager_id: str) -> list[NodeInfo]:
         """Every node carrying ``manager_id``'s mark, with status and health, in one pass."""
+
+    async def leftovers(self, manager_id: str) -> list[NodeInfo]:
+        """Pieces of ``manager_id``'s nodes that :meth:`list` does not report, left by a create that
+        was cut short (a workspace volume without its container, say), each with a ``state`` that
+        :meth:`remove` takes. The manager removes those whose node has no record. None by default."""
+        return []
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release client resources (HTTP pools, Docker sessions)."""

@@ -40,6 +40,7 @@ from toolserver.errors import NodeNotFound, RuntimeBackendError, RuntimeUnavaila
 from toolserver.runtimes.base import (
     HEALTHY,
     LABEL_MANAGER,
+    LABEL_NODE,
     RUNNING,
     STARTING,
     NodeInfo,
@@ -70,15 +71,32 @@ PULL_TIMEOUT = 600.0
 PROBE_TIMEOUT = 1.0
 #: aiodocker reports a failed connection as status 900.
 _UNREACHABLE = 900
+#: Engine errors that mean the Engine cannot do anything right now (it is shutting down, or lost
+#: containerd), as opposed to a request it refuses.
+_OUTAGE_WORDS = (
+    "shutting down",
+    "connection refused",
+    "transport is closing",
+    "error reading from server",
+    "context canceled",
+    "containerd",
+)
 #: Fields of a ``GET /containers/json`` item that NodeInfo is made from.
 _LIST_KEYS = ("Id", "Names", "State", "Status", "Labels", "Ports", "NetworkSettings")
 T = TypeVar("T")
+
+
+def _says_outage(message: str) -> bool:
+    text = message.lower()
+    return any(word in text for word in _OUTAGE_WORDS)
 
 
 class DockerRuntime(Runtime):
     """Nodes as Docker containers (see the module docstring)."""
 
     name = "docker"
+    #: create (with a pull of a missing image) and start
+    start_budget = PULL_TIMEOUT + 2 * CALL_TIMEOUT
     config_model = DockerConfig
 
     def __init__(self, config: DockerConfig, context: RuntimeContext) -> None:
@@ -160,6 +178,8 @@ class DockerRuntime(Runtime):
             if exc.status == _UNREACHABLE:
                 await self._drop_client()
                 raise self._unavailable(exc.message) from None
+            if exc.status == 503 or (exc.status >= 500 and _says_outage(exc.message)):
+                raise self._unavailable(f"{action}: {exc.message}") from None
             if exc.status in ok:
                 return None
             if missing and exc.status == 404:
@@ -344,6 +364,20 @@ class DockerRuntime(Runtime):
         ]
         await self._confirm_ready(infos)
         return infos
+
+    async def leftovers(self, manager_id: str) -> list[NodeInfo]:
+        """Workspace volumes of ``manager_id`` that no container uses: what a create cut short
+        between making the volume and making the container left behind (one labelled volume list)."""
+        labels = [f"{LABEL_MANAGER}={manager_id}", f"{LABEL_ROLE}={ROLE_NODE}"]
+        filters = {"label": labels, "dangling": ["true"]}
+        answer = await self._api("volume ls", lambda docker: docker.volumes.list(filters=filters))
+        found = []
+        for vol in (answer or {}).get("Volumes") or []:
+            node_id = (vol.get("Labels") or {}).get(LABEL_NODE, "")
+            if node_id:
+                state = {"node_id": node_id, "volume": vol["Name"], "manager_id": manager_id}
+                found.append(NodeInfo(node_id=node_id, manager_id=manager_id, status="dead", state=state))
+        return found
 
     async def prune_volumes(self, manager_id: str) -> list[str]:
         """Remove ``manager_id``'s workspace volumes that no container uses; return their names."""

@@ -8,8 +8,14 @@ the node writes), ``state/`` (the node's own state), ``node.json`` (the runtime'
 pid, port) and ``node.log``. The directory is the node: ``list()`` scans these directories, so a
 restarted manager finds the nodes it left running. Processes start in their own session; stop is
 SIGTERM to the node, then SIGKILL to whatever is left of its process tree after the grace period.
-Every process of a node carries ``TOOLSERVER_MARK_NODE`` in its environment, so processes that
-outlived their node (a kernel whose node was SIGKILLed) are still found and killed on removal.
+Every process of a node carries ``TOOLSERVER_MARK_NODE`` (set by the runtime) in its environment,
+so processes that outlived their node (a shell job or kernel of a node that crashed) are found and
+killed when the runtime next sees the node gone (``list``, i.e. the checker's next tick) and on
+removal.
+
+A create writes ``node.json`` first, so an interrupted create leaves either a marked directory
+(reported by ``list``) or, at worst, an empty one, which :meth:`ProcessRuntime.leftovers` reports
+once it is :data:`DEBRIS_AGE` seconds old.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -53,6 +60,10 @@ MARK_FILE = "node.json"
 HEALTH_TIMEOUT = 1.0
 #: Longest wait for a just-ended child's exit status (see ``inspect``).
 EXIT_STATUS_WAIT = 1.0
+#: Age after which a node directory without a mark counts as the debris of an interrupted create.
+DEBRIS_AGE = 60.0
+#: What a node id (the record's short id, a directory name) may look like.
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 def bound_socket(host: str = "127.0.0.1") -> socket.socket:
@@ -86,12 +97,30 @@ def _process(pid: int | None, create_time: float | None) -> psutil.Process | Non
 
 
 def _marked_processes(node_id: str) -> list[psutil.Process]:
-    found = []
+    return _marked_by({node_id}).get(node_id, [])
+
+
+def _marked_by(node_ids: set[str], born_before: float | None = None) -> dict[str, list[psutil.Process]]:
+    """Processes carrying the mark of one of ``node_ids`` (started before ``born_before``), by node."""
+    found: dict[str, list[psutil.Process]] = {}
     for proc in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
-            if proc.environ().get(MARK_ENV) == node_id:
-                found.append(proc)
+            mark = proc.environ().get(MARK_ENV)
+            if mark in node_ids and (born_before is None or proc.create_time() < born_before):
+                found.setdefault(mark, []).append(proc)
     return found
+
+
+def _remove_tree(path: Path) -> None:
+    """``rm -rf path``, the mark first (from then on ``list`` no longer reports the node): gone
+    already is fine, anything else that stops it raises OSError."""
+    (path / MARK_FILE).unlink(missing_ok=True)
+
+    def gone_is_fine(_func: object, _path: str, exc_info: Any) -> None:
+        if not isinstance(exc_info[1], FileNotFoundError):
+            raise exc_info[1]
+
+    shutil.rmtree(path, onerror=gone_is_fine)
 
 
 def _kill_all(procs: list[psutil.Process], sig: int) -> None:
@@ -118,15 +147,21 @@ class ProcessRuntime(Runtime):
         self.host = "127.0.0.1"
         self._children: dict[str, asyncio.subprocess.Process] = {}
         self._healthy_once: set[str] = set()
+        #: (node id, pid) of dead nodes whose leftover processes were killed already
+        self._reaped: set[tuple[str, int]] = set()
         self._http = httpx.AsyncClient(timeout=HEALTH_TIMEOUT, trust_env=False)
 
     # ---- files --------------------------------------------------------------------------------------
 
     def _dir(self, state: dict[str, Any]) -> Path:
-        try:
+        """The node's directory: the state's ``dir``, or ``<root>/<node_id>`` for a state that only
+        names the node (a create cut short before it could report one)."""
+        if state.get("dir"):
             return Path(state["dir"])
-        except KeyError:
-            raise NodeNotFound("runtime state has no node directory") from None
+        node_id = str(state.get("node_id") or "")
+        if _NODE_ID.fullmatch(node_id):
+            return self.root / node_id
+        raise NodeNotFound("runtime state has no node directory")
 
     @staticmethod
     def _read_mark(node_dir: Path) -> dict[str, Any] | None:
@@ -155,13 +190,14 @@ class ProcessRuntime(Runtime):
         }
 
         def prepare() -> None:
-            (node_dir / "workspace").mkdir(parents=True, exist_ok=False)
+            node_dir.mkdir(parents=True, exist_ok=False)
+            self._write_mark(node_dir, mark)  # first: from now on list() reports the node
+            (node_dir / "workspace").mkdir()
             (node_dir / "state").mkdir()
             secret_file = node_dir / "secret"
             secret_file.touch(mode=0o600)
             secret_file.write_text(spec.secret)
             (node_dir / "env.json").write_text(json.dumps(spec.env))
-            self._write_mark(node_dir, mark)
 
         try:
             await asyncio.to_thread(prepare)
@@ -235,11 +271,17 @@ class ProcessRuntime(Runtime):
         await self.stop(state, grace=0)
 
     async def remove(self, state: dict[str, Any]) -> None:
+        """Kill what is left of the node and delete its directory; RuntimeBackendError when the
+        directory cannot be deleted (the node is dead by then)."""
         node_dir = self._dir(state)
         mark = await asyncio.to_thread(self._read_mark, node_dir)
         node_id = (mark or {}).get("node_id") or node_dir.name
         await self._terminate(mark or {"node_id": node_id}, 0)
-        await asyncio.to_thread(shutil.rmtree, node_dir, True)
+        try:
+            await asyncio.to_thread(_remove_tree, node_dir)
+        except OSError as exc:
+            reason = exc.strerror or exc
+            raise RuntimeBackendError(f"cannot delete node directory {node_dir}: {reason}") from exc
         self._children.pop(node_id, None)
         self._healthy_once.discard(node_id)
 
@@ -267,9 +309,49 @@ class ProcessRuntime(Runtime):
             marks = (self._read_mark(d) for d in self.root.iterdir() if d.is_dir())
             return [m for m in marks if m and m.get("manager_id") == manager_id]
 
-        infos = [self._observe(m) for m in await asyncio.to_thread(scan)]
+        marks = await asyncio.to_thread(scan)
+        infos = [self._observe(m) for m in marks]
         await asyncio.gather(*(self._probe(i) for i in infos if i.running))
+        await self._reap([m for m, i in zip(marks, infos, strict=True) if i.status == EXITED])
         return infos
+
+    async def leftovers(self, manager_id: str) -> list[NodeInfo]:
+        """Node directories without a mark, older than DEBRIS_AGE: what a create cut short between
+        making the directory and writing its mark left behind (whoever's it was)."""
+
+        def scan() -> list[Path]:
+            if not self.root.is_dir():
+                return []
+            limit = time.time() - DEBRIS_AGE
+            found = []
+            for d in self.root.iterdir():
+                with contextlib.suppress(OSError):
+                    if d.is_dir() and not (d / MARK_FILE).exists() and d.stat().st_mtime < limit:
+                        found.append(d)
+            return found
+
+        return [
+            NodeInfo(node_id=d.name, manager_id=manager_id, status="dead", state={"dir": str(d)})
+            for d in await asyncio.to_thread(scan)
+        ]
+
+    async def _reap(self, dead: list[dict[str, Any]]) -> None:
+        """Kill the processes that outlived their node (a shell job, a kernel), once per death.
+
+        Only processes started before the death was seen: a node being started again carries the
+        same mark.
+        """
+        new = {(m["node_id"], m["pid"]) for m in dead if m.get("pid")} - self._reaped
+        present = {(m["node_id"], m.get("pid")) for m in dead}
+        self._reaped &= present
+        if not new:
+            return
+        seen_at = time.time()
+        found = await asyncio.to_thread(_marked_by, {node_id for node_id, _ in new}, seen_at)
+        for node_id, procs in found.items():
+            log.info("node %s is gone: killing the %d processes it left running", node_id, len(procs))
+            _kill_all(procs, signal.SIGKILL)
+        self._reaped |= new
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -331,6 +413,8 @@ class ProcessRuntime(Runtime):
         # background shells and kernels outlive a SIGKILLed node: they still carry its mark
         leftovers = await asyncio.to_thread(_marked_processes, mark["node_id"])
         _kill_all(leftovers, signal.SIGKILL)
+        if mark.get("pid"):
+            self._reaped.add((mark["node_id"], mark["pid"]))
 
     async def _terminate_tree(self, proc: psutil.Process, mark: dict[str, Any], grace: float) -> None:
         try:
