@@ -86,7 +86,7 @@ async def inprocess_manager(root: Path, runtime_factory: Any = None, **config: A
         None,
         port=port,
         **scratch_config(root),
-        manager_id=f"test-{port}",
+        manager_id=testing.unique_manager_id(port),
         node=node,
         **config,
     )

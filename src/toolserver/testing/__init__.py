@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import socket
 import sqlite3
@@ -34,6 +35,7 @@ __all__ = [
     "node_processes",
     "processes_under",
     "scratch_config",
+    "unique_manager_id",
     "wait_until",
 ]
 
@@ -43,6 +45,12 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def unique_manager_id(port: int) -> str:
+    """A manager id no other manager on this machine uses: Docker labels are machine-wide, and a
+    later manager on a reused port must not take an earlier one's nodes for its own orphans."""
+    return f"test-{port}-{secrets.token_hex(3)}"
 
 
 def scratch_config(root: Path) -> dict[str, str]:
@@ -119,7 +127,7 @@ class ManagerProcess:
         self.config: dict[str, Any] = {
             "port": self.port,
             **scratch_config(root),
-            "manager_id": f"test-{self.port}",
+            "manager_id": unique_manager_id(self.port),
             **config,
             "node": {**self.node_defaults, **config.get("node", {})},
         }
