@@ -32,6 +32,8 @@ from toolserver.protocol import COOKIE_NAME, RETRY_AFTER_SECONDS
 from toolserver.runtimes import Runtime, create_runtime
 
 log = logging.getLogger(__name__)
+#: Where the MCP endpoint answers (Streamable HTTP).
+MCP_PATHS = frozenset({"/mcp", "/mcp/"})
 
 
 @asynccontextmanager
@@ -57,6 +59,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = WarmPool(sessions, settings.node.warm_pool_size, settings.node.health_check_interval)
         pool.start()
     app.state.pool = pool
+    mcp = None
+    if settings.mcp.enabled:
+        from toolserver.manager.mcp_http import McpEndpoint
+
+        mcp = McpEndpoint(settings, sessions, proxy, activity)
+        await mcp.start()
+    app.state.mcp = mcp
     # everything loaded so far lives as long as the process: keep it out of the collector's
     # full passes, which otherwise stall the event loop for ~100 ms now and then
     gc.collect()
@@ -72,6 +81,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         # each step runs even when one before it fails (the database or Docker may be down)
         stop = settings.node.on_shutdown == "stop"
+        if mcp is not None:  # no client can reach an MCP session's node once this process ends
+            await _step("ending the MCP sessions", mcp.aclose())
         if pool is not None:
             await _step("closing the warm pool", pool.aclose(release=stop))
         if checker_task is not None:
@@ -104,6 +115,7 @@ class ManagerApp(FastAPI):
 
     Forwarded requests skip the framework's middleware and routing: on the hot path of every tool
     call only the proxy runs. ``forwarded`` maps each path to its methods; another method gets 405.
+    ``/mcp`` goes to the MCP endpoint the same way (see :mod:`toolserver.manager.mcp_http`).
     """
 
     forwarded: dict[str, frozenset[str]] = {}
@@ -111,6 +123,8 @@ class ManagerApp(FastAPI):
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         methods = self.forwarded.get(scope["path"]) if scope["type"] == "http" else None
         if methods is None:
+            if scope["type"] == "http" and scope["path"] in MCP_PATHS and self.state.mcp is not None:
+                return await self.state.mcp(scope, receive, send)
             await super().__call__(scope, receive, send)
         elif scope["method"] in methods:
             await self.state.proxy.forward(scope, receive, send)

@@ -6,7 +6,8 @@ models of :mod:`toolserver.protocol`.
 
 Statuses: 400 bad request or path outside the workspace, 401 missing/wrong node secret, 403
 registration disabled, 404 unknown tool (or file), 413 body too large, 422 invalid arguments,
-450 output not ready / timed out (JSON body with ``detail`` and partial output), 500 tool failure.
+450 output not ready / timed out (JSON body with ``detail`` and partial output), 499 the client
+went away and the tool call was cancelled, 500 tool failure.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from toolserver import __version__, protocol
 from toolserver.errors import OutputNotReady, ToolArgumentError, ToolError
 from toolserver.node.context import NodeContext
+from toolserver.node.disconnect import unless_disconnected
 from toolserver.node.files import build_workspace_zip, receive_upload, workspace_tree
 from toolserver.node.registered import load_registered_tools, register_tool
 from toolserver.node.registry import Registry
@@ -235,7 +237,9 @@ def create_app(config: NodeConfig) -> Starlette:
                 raise ToolArgumentError(f"'arguments' is a string but not valid JSON: {exc}") from None
             if not isinstance(arguments, dict):
                 raise ToolArgumentError("'arguments' must be a JSON object of argument names to values")
-        result = await registry.execute(req.tool_name, arguments, req.env_name)
+        result = await unless_disconnected(
+            request.receive, lambda: registry.execute(req.tool_name, arguments, req.env_name)
+        )
         return JSONBody(wrap_result(result))
 
     async def register_new_tool(request: Request) -> Response:
