@@ -3,7 +3,8 @@
 Servers: ``toolserver manager | node | checker``. Operator: ``toolserver nodes`` lists the node
 records of the manager's database. Client commands talk to a manager through the SDK (``--url``,
 default ``$TOOLSERVER_URL`` or http://127.0.0.1:8080): ``session new | reconnect | close |
-release``, ``tools``, ``exec``, ``upload``, ``download``, ``download-workspace``.
+release``, ``tools``, ``exec``, ``upload``, ``download``, ``download-workspace``; ``mcp`` serves a
+session's tools to an MCP client on stdio.
 """
 
 from __future__ import annotations
@@ -121,6 +122,20 @@ def _build_parser() -> argparse.ArgumentParser:
     download.add_argument("path", metavar="PATH", help="path in the workspace")
     download.add_argument("dest", nargs="?", type=Path, metavar="DEST", help="default: PATH's basename")
 
+    mcp = command("mcp", "serve a session's tools to an MCP client on stdin/stdout", [client])
+    mcp.add_argument(
+        "--session",
+        metavar="NODE_ID",
+        help="attach to this session (left running on exit); default: a new one, released on exit",
+    )
+    mcp.add_argument(
+        "--resource-max-bytes",
+        type=int,
+        default=10 * 1024 * 1024,
+        metavar="N",
+        help="largest workspace file served as a resource (default 10 MiB)",
+    )
+
     workspace = command("download-workspace", "download a session's workspace as a zip file", [client])
     workspace.add_argument("node_id", metavar="NODE_ID")
     workspace.add_argument("dest", type=Path, metavar="DEST.zip")
@@ -133,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         from toolserver.client_cli import run
 
         return run(args)
+    if args.command == "mcp":
+        from toolserver.client_cli import resolve_url
+        from toolserver.mcp_server.stdio import run as run_mcp
+
+        return run_mcp(resolve_url(args.url), args.session, args.resource_max_bytes)
     if args.command == "node":
         from toolserver.node.server import serve
 

@@ -4,7 +4,9 @@ Forwarded paths never enter the web framework: the proxy reads the ``node_id`` c
 node's route (cached, see :meth:`SessionService.route`), and streams the request body to the node
 and the node's answer back through one pooled aiohttp client. Nothing is buffered: a 1 GiB upload
 or download passes through in chunks. Hop-by-hop headers and the manager's own cookie are not
-forwarded; the node's secret is added.
+forwarded; the node's secret is added. A client that sends ``X-ToolServer-Cancel-On-Disconnect``
+(with a body of at most 64 KiB, a tool call say) has its request to the node closed when it goes
+away before the answer, and the node then stops the tool.
 """
 
 from __future__ import annotations
@@ -17,16 +19,18 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict
 
-from toolserver.errors import DatabaseUnavailable, InvalidSession
+from toolserver.disconnect import unless_disconnected
+from toolserver.errors import DatabaseUnavailable, InvalidSession, ToolCancelled
 from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.sessions import SessionService
-from toolserver.protocol import COOKIE_NAME, RETRY_AFTER_SECONDS, SECRET_HEADER
+from toolserver.protocol import CANCEL_ON_DISCONNECT_HEADER, COOKIE_NAME, RETRY_AFTER_SECONDS, SECRET_HEADER
 from toolserver.runtimes.base import RUNNING
 
 ASGIApp = Any
 Scope = dict[str, Any]
 log = logging.getLogger(__name__)
 
+_CANCEL_ON_DISCONNECT = CANCEL_ON_DISCONNECT_HEADER.lower().encode()
 #: RFC 9110 §7.6.1 connection-specific headers, plus those the proxy sets itself.
 HOP_BY_HOP = frozenset(
     {
@@ -42,6 +46,7 @@ HOP_BY_HOP = frozenset(
         b"proxy-connection",
         b"host",
         SECRET_HEADER.lower().encode(),
+        _CANCEL_ON_DISCONNECT,
     }
 )
 CHUNK = 256 * 1024
@@ -100,12 +105,13 @@ class NodeProxy:
     async def forward(self, scope: Scope, receive: Any, send: Any) -> None:
         headers: CIMultiDict[str] = CIMultiDict()
         node_id = None
-        chunked = False
+        chunked = cancellable = False
         length = 0
         for raw_name, raw_value in scope["headers"]:
             name = raw_name.lower()
             if name in HOP_BY_HOP:
                 chunked = chunked or name == b"transfer-encoding"
+                cancellable = cancellable or name == _CANCEL_ON_DISCONNECT
                 continue
             value = raw_value.decode("latin-1")
             if name == b"cookie":
@@ -134,14 +140,19 @@ class NodeProxy:
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
         try:
-            if chunked or length > SMALL_BODY:
+            streamed = chunked or length > SMALL_BODY
+            if streamed:
                 data: Any = _body(receive)  # streamed, never held in memory
             else:  # a small body goes out in one write with the request head
                 data = await _read_all(receive) if length else None
-            resp = await self.client.request(
+            request = self.client.request(
                 scope["method"], url, headers=headers, data=data, allow_redirects=False
             )
-        except ConnectionResetError:  # the client went away during its upload
+            if cancellable and not streamed:  # the body is read: receive() can only tell a disconnect
+                resp = await unless_disconnected(receive, lambda: request)
+            else:
+                resp = await request
+        except (ConnectionResetError, ToolCancelled):  # the client went away
             return None
         except TimeoutError:
             log.warning("node %s timed out on %s", route.short_id, scope["path"])

@@ -36,9 +36,9 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from toolserver import __version__, protocol
+from toolserver.disconnect import unless_disconnected
 from toolserver.errors import OutputNotReady, ToolArgumentError, ToolError
 from toolserver.node.context import NodeContext
-from toolserver.node.disconnect import unless_disconnected
 from toolserver.node.files import build_workspace_zip, receive_upload, workspace_tree
 from toolserver.node.registered import load_registered_tools, register_tool
 from toolserver.node.registry import Registry

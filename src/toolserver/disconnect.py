@@ -1,8 +1,9 @@
 """Stop a request's work when its client goes away.
 
-A client that gives up on a tool call (an MCP client cancelling it, say) closes its connection;
-the node then cancels the tool, so a shell command is killed and a notebook cell interrupted
-instead of running on for no one.
+A client that gives up on a tool call (an MCP client cancelling it, say) closes its connection.
+The node then cancels the tool, so a shell command is killed and a notebook cell interrupted
+instead of running on for no one; the manager's proxy does the same for a client that asks for it
+(the ``X-ToolServer-Cancel-On-Disconnect`` header), and so closes its own request to the node.
 """
 
 from __future__ import annotations
