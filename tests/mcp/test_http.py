@@ -101,3 +101,14 @@ async def test_initialize_claims_a_warm_node(mcp_manager: ManagerProcess) -> Non
         assert record["id"] == warm
         await client.call_tool("calculator", {"expression": "1"})
     await anyio.to_thread.run_sync(assert_nothing_leaked, mcp_manager)
+
+
+async def test_cancelled_cell_is_interrupted(mcp_manager: ManagerProcess) -> None:
+    async with Client(mcp_manager.url + "/mcp") as client:
+        await client.call_tool("PythonNotebook_execute_cell", {"code": "kept = 41"})
+        with anyio.move_on_after(2.0):  # the cell would sleep for 5 minutes
+            await client.call_tool("PythonNotebook_execute_cell", {"code": "import time; time.sleep(300)"})
+        with anyio.fail_after(30):  # not queued behind the sleeping cell: it was interrupted
+            result = await client.call_tool("PythonNotebook_execute_cell", {"code": "print(kept + 1)"})
+        assert "42\n" in [c.text for c in result.content]  # and the kernel kept its variables
+    await anyio.to_thread.run_sync(assert_nothing_leaked, mcp_manager)
