@@ -25,9 +25,11 @@ INITIALIZE = {
 ACCEPT = {"Accept": "application/json, text/event-stream"}
 
 
-def sse_json(text: str) -> dict:
-    """The JSON-RPC message of a one-event SSE answer."""
-    data = [line[5:].strip() for line in text.splitlines() if line.startswith("data:")]
+def rpc_answer(resp: httpx.Response) -> dict:
+    """The JSON-RPC message of an answer: a JSON body, or the last event of a server-sent stream."""
+    if resp.headers["content-type"].startswith("application/json"):
+        return resp.json()
+    data = [line[5:].strip() for line in resp.text.splitlines() if line.startswith("data:")]
     return json.loads(data[-1])
 
 
@@ -69,7 +71,7 @@ def test_session_id_and_cookie_never_mix(mcp_manager: ManagerProcess) -> None:
         http.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=session)
         call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call"}
         call["params"] = {"name": "calculator", "arguments": {"expression": "2+3"}}
-        answer = sse_json(http.post(url, json=call, headers=session).text)
+        answer = rpc_answer(http.post(url, json=call, headers=session))
         assert answer["result"]["content"][0]["text"] == "5"
 
         # the session id is no cookie ...

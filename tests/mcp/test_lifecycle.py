@@ -1,5 +1,5 @@
 """An MCP session's node under the manager's rules: node.max_nodes, the checker's idle close, and
-the session's own idle end (mcp.session_idle_minutes)."""
+the session's own idle end (mcp.session_idle_minutes); answers as server-sent events."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def strict_manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Manager
     manager = ManagerProcess(
         tmp_path_factory.mktemp("mcp-lifecycle") / "manager",
         node={"max_nodes": 1, "idling_close_minutes": IDLE_CLOSE_MINUTES},
-        mcp={"session_idle_minutes": SESSION_IDLE_MINUTES},
+        # server-sent events here: the other modules run the JSON default
+        mcp={"session_idle_minutes": SESSION_IDLE_MINUTES, "json_response": False},
     )
     manager.start()
     try:

@@ -163,7 +163,10 @@ class McpEndpoint:
         self._own_host = _internal_host(security, settings.port)
         # sessions end here (idle, shutdown), so the SDK keeps no clock of its own
         self.sdk = StreamableHTTPSessionManager(
-            self.server, security_settings=security, session_idle_timeout=None
+            self.server,
+            security_settings=security,
+            session_idle_timeout=None,
+            json_response=settings.mcp.json_response,
         )
         self._bindings: dict[str, _Binding] = {}
         self._stack = contextlib.AsyncExitStack()

@@ -66,6 +66,11 @@ class McpSettings(_Strict):
     session_idle_minutes: float = Field(
         30, gt=0, description="end an MCP session, and release its node, after this long without requests"
     )
+    json_response: bool = Field(
+        True,
+        description="answer each request with one JSON body (faster) rather than a server-sent-event "
+        "stream, which progress notifications need",
+    )
     resource_max_bytes: int = Field(
         10 * 1024 * 1024, ge=1, description="largest workspace file served as an MCP resource"
     )
