@@ -19,8 +19,8 @@ from typing import Any
 
 import httpx
 
-from bench.common import Context, Figure, Outcome, at_most, summary
-from bench.loadgen import build_request, run_in_subprocess
+from bench.common import Context, Figure, Outcome, at_most
+from bench.loadgen import build_request, compare
 from bench.procs import Manager
 
 NAME = "mcp"
@@ -75,38 +75,21 @@ def _check(http: httpx.Client, requests: dict[str, tuple[str, dict[str, Any], di
 def _measure(
     port: int, requests: dict[str, tuple[str, dict[str, Any], dict[str, str]]], ctx: Context
 ) -> dict:
-    rounds = ctx.pick(2, 1)
-    out: dict[str, Any] = {}
-    for concurrency in (1,):
-        cell: dict[str, dict[str, Any]] = {t: {"latencies_us": [], "rps": [], "errors": 0} for t in TARGETS}
-        for rnd in range(rounds):
-            for target in TARGETS if rnd % 2 == 0 else tuple(reversed(TARGETS)):
-                path, payload, headers = requests[target]
-                body = json.dumps(payload, separators=(",", ":")).encode()
-                raw = build_request(
-                    "POST", path, "127.0.0.1", port, body, {"Content-Type": "application/json", **headers}
-                )
-                spec = {
-                    "host": "127.0.0.1",
-                    "port": port,
-                    "request": raw.decode("latin-1"),
-                    "concurrency": concurrency,
-                    "requests": ctx.pick(3000, 500),
-                    "duration": ctx.pick(8, 3),
-                    "warmup": max(100, 2 * concurrency),
-                }
-                res = run_in_subprocess(spec)
-                if res["worker_failures"]:
-                    raise RuntimeError(f"{target}: load generator failures {res['worker_failures']}")
-                cell[target]["latencies_us"] += res["latencies_us"]
-                cell[target]["rps"].append(res["rps"])
-                cell[target]["errors"] += res["errors"]
-        for target in TARGETS:
-            lat = cell[target].pop("latencies_us")
-            cell[target]["latency_ms"] = {k: v / 1000 if k != "count" else v for k, v in summary(lat).items()}
-            cell[target]["rps_mean"] = sum(cell[target]["rps"]) / len(cell[target]["rps"])
-        out[str(concurrency)] = cell
-    return out
+    """{concurrency: {target: {latency_ms, rps, rps_mean, errors}}}."""
+    specs = {}
+    for target, (path, payload, headers) in requests.items():
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        headers = {"Content-Type": "application/json", **headers}
+        specs[target] = {
+            "host": "127.0.0.1",
+            "port": port,
+            "request": build_request("POST", path, "127.0.0.1", port, body, headers).decode("latin-1"),
+            "concurrency": 1,
+            "requests": ctx.pick(3000, 500),
+            "duration": ctx.pick(8, 3),
+            "warmup": 100,
+        }
+    return {"1": compare(specs, ctx.pick(2, 1))}
 
 
 def _figures(results: dict[str, Any]) -> list[Figure]:
