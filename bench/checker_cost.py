@@ -45,7 +45,7 @@ class CountingRuntime(ProcessRuntime):
     name = "process"
 
     def __init__(self, settings: Settings, nodes: dict[str, int]) -> None:
-        super().__init__(settings)
+        super().__init__(settings.runtime_config, settings.runtime_context())
         self.nodes = nodes  # short_id -> port
         self.calls: Counter[str] = Counter()
 

@@ -1,6 +1,6 @@
 """Benchmark 4b: the checker's tick with real Docker nodes (50 containers of the node image).
 
-No double here: ``DockerRuntime`` starts N real containers, their records go into a real SQLite
+No double here: the Docker runtime starts N real containers, their records go into a real SQLite
 store, and ``NodeChecker.tick()`` is timed as the manager runs it (one labelled list call to the
 Engine per tick, the records read and mirrored). The reference is the Engine's list call alone.
 """
@@ -18,9 +18,10 @@ from toolserver.manager.checker import NodeChecker
 from toolserver.manager.models import ToolServerNode
 from toolserver.manager.settings import load_settings
 from toolserver.manager.store import open_store
+from toolserver.runtimes import create_runtime
 from toolserver.runtimes.base import NodeSpec
-from toolserver.runtimes.docker import DockerRuntime
 from toolserver.testing import scratch_config
+from toolserver.testing.tiers import DOCKER
 
 NAME = "checker_docker"
 TITLE = "Checker cost, real Docker nodes"
@@ -34,9 +35,10 @@ async def _measure(ctx: Context, n: int, ticks: int) -> dict[str, Any]:
         None,
         **scratch_config(root),
         manager_id=f"bench-checker-docker-{secrets.token_hex(3)}",
+        **DOCKER.manager_config(),
     )
     store = await open_store(settings.database_url)
-    runtime = DockerRuntime(settings)
+    runtime = create_runtime(settings.runtime_config, settings.runtime_context())
     states: list[dict[str, Any]] = []
     sem = asyncio.Semaphore(START_CONCURRENCY)
 

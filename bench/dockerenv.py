@@ -10,8 +10,10 @@ from dataclasses import dataclass
 
 from bench.procs import LABEL_MANAGER
 from toolserver.testing import http_ok
+from toolserver.testing.tiers import node_image
 
-IMAGE = "toolserver-node:latest"
+#: The image the Docker tier runs ($TOOLSERVER_NODE__IMAGE, default toolserver-node:latest).
+IMAGE = node_image()
 NODE_PORT = 31942
 
 

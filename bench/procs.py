@@ -110,8 +110,13 @@ class Manager(ManagerProcess):
         port = config.pop("port", None) or free_port()
         config.setdefault("manager_id", f"bench-{os.getpid()}-{port}")
         super().__init__(root, log_level=log_level, port=port, **config)
-        if self.config.get("runtime") == "docker":
+        if self.docker:
             _docker_managers.append(self.manager_id)
+
+    @property
+    def docker(self) -> bool:
+        """Whether this manager's nodes are Docker containers (``isolation``, or its former name)."""
+        return (self.config.get("isolation") or self.config.get("runtime")) == "docker"
 
     def _popen(self, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         return spawn(argv, self.log_path, env=env, cwd=self.root)
@@ -123,7 +128,7 @@ class Manager(ManagerProcess):
         for proc in processes_under(self.root):
             with contextlib.suppress(psutil.Error):
                 proc.kill()
-        if self.config.get("runtime") == "docker":
+        if self.docker:
             _docker_cleanup(self.manager_id)
         return clean
 

@@ -30,6 +30,7 @@ import httpx
 from bench.common import Context, Figure, Outcome, at_most, summary
 from bench.dockerenv import BareContainer, unavailable_reason
 from bench.procs import Manager, Node
+from toolserver.testing.tiers import tiers
 
 NAME = "session_ready"
 TITLE = "Session ready"
@@ -126,7 +127,8 @@ def bare_docker_starts(label: str, count: int) -> list[float]:
 
 
 def _runtime_config(runtime: str, pool: int) -> dict[str, Any]:
-    return {"runtime": runtime, "node": {"warm_pool_size": pool, "health_check_interval": 0.2}}
+    tier = {t.name: t for t in tiers()}[runtime]
+    return {**tier.manager_config(), "node": {"warm_pool_size": pool, "health_check_interval": 0.2}}
 
 
 def _ms(stats: dict[str, float], key: str) -> str:

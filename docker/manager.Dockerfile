@@ -1,5 +1,5 @@
 # The ToolServer manager image, for deployments where the manager runs in a container next to its
-# nodes (docker-compose.yml): runtime docker, address_mode network.
+# nodes (docker-compose.yml): isolation docker, runtime_config.address_mode network.
 #
 # Same build context as docker/node.Dockerfile (build/wheels: deps/ and app/, made by
 # scripts/build-node-image.sh); its first stage is the same as the node's, so Docker reuses it.
@@ -19,7 +19,7 @@ FROM ${BASE_IMAGE}
 ENV PATH=/opt/toolserver/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    TOOLSERVER_RUNTIME=docker \
+    TOOLSERVER_ISOLATION=docker \
     TOOLSERVER_HOST=0.0.0.0 \
     TOOLSERVER_PORT=8080 \
     TOOLSERVER_DATA_DIR=/data \

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any, ClassVar
-
-import psutil
 
 from toolserver import testing
 from toolserver.testing import (
@@ -19,10 +17,12 @@ from toolserver.testing import (
     scratch_config,
     wait_until,
 )
+from toolserver.testing.tiers import docker_unavailable_reason, marked_processes, node_image
 
 __all__ = [
     "NODE_IMAGE",
     "ManagerProcess",
+    "config_refusal",
     "docker_containers",
     "docker_unavailable_reason",
     "docker_volumes",
@@ -36,28 +36,26 @@ __all__ = [
 ]
 
 
-def marked_processes(short_id: str) -> list[psutil.Process]:
-    """Processes carrying the process runtime's mark of node ``short_id`` in their environment."""
-    found = []
-    for proc in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            if (
-                proc.environ().get("TOOLSERVER_MARK_NODE") == short_id
-                and proc.status() != psutil.STATUS_ZOMBIE
-            ):
-                found.append(proc)
-    return found
-
-
 class ManagerProcess(testing.ManagerProcess):
     """The harness's manager, checking node health every 0.2 s so tests see failures quickly."""
 
     node_defaults: ClassVar[dict[str, Any]] = {"health_check_interval": 0.2, "stop_grace_seconds": 2}
 
 
+def config_refusal(config_path: Path) -> subprocess.CompletedProcess[str]:
+    """Run ``toolserver manager --config config_path`` for a config that must stop it at once."""
+    return subprocess.run(
+        [sys.executable, "-m", "toolserver", "manager", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @contextlib.asynccontextmanager
 async def inprocess_manager(root: Path, runtime_factory: Any = None, **config: Any) -> Any:
-    """A manager served by uvicorn inside the test's event loop, optionally with an injected runtime.
+    """A manager served by uvicorn inside the test's event loop, optionally with an injected runtime
+    (``runtime_factory(config, context)``, a runtime class say, made from the loaded settings).
 
     Yields ``(url, app)``. Used where a test injects a fault through a runtime subclass.
     """
@@ -78,7 +76,9 @@ async def inprocess_manager(root: Path, runtime_factory: Any = None, **config: A
         node=node,
         **config,
     )
-    runtime = runtime_factory(settings) if runtime_factory else None
+    runtime = (
+        runtime_factory(settings.runtime_config, settings.runtime_context()) if runtime_factory else None
+    )
     app = create_app(settings, runtime=runtime)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     task = asyncio.create_task(server.serve())
@@ -93,19 +93,7 @@ async def inprocess_manager(root: Path, runtime_factory: Any = None, **config: A
         await task
 
 
-NODE_IMAGE = os.environ.get("TOOLSERVER_NODE__IMAGE", "toolserver-node:latest")
-
-
-def docker_unavailable_reason(image: str = NODE_IMAGE) -> str | None:
-    """Why Docker tests cannot run here (no Engine, no node image), or None."""
-    try:
-        if subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode != 0:
-            return "Docker Engine unreachable; run: make docker-ready"
-        if subprocess.run(["docker", "image", "inspect", image], capture_output=True, timeout=20).returncode:
-            return f"node image {image} is missing; run: make node-image"
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"docker CLI unusable: {exc}"
-    return None
+NODE_IMAGE = node_image()
 
 
 def docker_volumes(label: str) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,21 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, 
     return loaded
 
 
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line naming every bad key (dotted) and what is wrong with it; values are not echoed."""
+def dotted(loc: tuple[int | str, ...]) -> str:
+    """A validation error's location as a dotted key: ``node.max_nodes``."""
+    return ".".join(str(p) for p in loc) or "(root)"
+
+
+def describe_validation_error(
+    exc: ValidationError, where: Callable[[tuple[int | str, ...]], str] = dotted
+) -> str:
+    """One line naming every bad key and what is wrong with it; values are not echoed.
+
+    ``where`` turns an error's location into the key's name as the user wrote it.
+    """
     parts = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        key = where(tuple(err["loc"]))
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key '{key}'")
         else:

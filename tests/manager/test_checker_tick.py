@@ -14,8 +14,8 @@ from toolserver.manager.checker import NodeChecker
 from toolserver.manager.models import STATUS_CREATED, ToolServerNode, utcnow
 from toolserver.manager.settings import load_settings
 from toolserver.manager.store import open_store
+from toolserver.runtimes import create_runtime
 from toolserver.runtimes.base import CREATED, RUNNING
-from toolserver.runtimes.process import ProcessRuntime
 from toolserver.testing import scratch_config
 
 
@@ -32,7 +32,7 @@ async def test_tick_spares_nodes_another_worker_is_creating(tmp_path: Path) -> N
         node={"creation_wait_seconds": 30},
     )
     store = await open_store(settings.database_url)
-    runtime = ProcessRuntime(settings)
+    runtime = create_runtime(settings.runtime_config, settings.runtime_context())
     try:
         # just inserted (the seed's default status), and just created by the runtime: both young
         inserted = _record(settings.manager_id, STATUS_CREATED, 0.5)

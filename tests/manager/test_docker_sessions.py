@@ -18,6 +18,7 @@ from tests.support import (
 from toolserver.client import ToolServerClient, unwrap
 from toolserver.errors import ClientError
 from toolserver.runtimes.base import LABEL_MANAGER
+from toolserver.testing.tiers import DOCKER
 
 pytestmark = pytest.mark.docker
 
@@ -33,7 +34,7 @@ def docker_manager(manager_factory: Callable[..., ManagerProcess]) -> Iterator[M
     if reason:
         pytest.skip(reason)
     manager = manager_factory(
-        runtime="docker", node={"health_check_interval": TICK, "creation_wait_seconds": 60}
+        **DOCKER.manager_config(), node={"health_check_interval": TICK, "creation_wait_seconds": 60}
     )
     label = f"{LABEL_MANAGER}={manager.config['manager_id']}"
     yield manager
@@ -111,6 +112,7 @@ def test_orphans_and_vanished_containers(docker_manager: ManagerProcess) -> None
 def test_docker_unreachable_answers_503_and_the_manager_serves_on(
     manager_factory: Callable[..., ManagerProcess],
 ) -> None:
+    # the Engine's address given where XAgent's manager.yml puts Docker's keys
     manager = manager_factory(
         runtime="docker",
         node={"docker_url": "unix:///nonexistent/docker.sock", "health_check_interval": TICK},

@@ -15,22 +15,24 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiodocker
 import pytest
 from aiodocker.exceptions import DockerError
 
-from toolserver.manager.settings import Settings
-from toolserver.runtimes.base import LABEL_MANAGER
+from toolserver.runtimes import validate_config
+from toolserver.runtimes.base import LABEL_MANAGER, ResourceLimits, RuntimeContext
 from toolserver.runtimes.docker import DockerRuntime
+from toolserver.testing.tiers import node_image
 
 TEST_LABEL = "toolserver.test"
 #: The value of TEST_LABEL on what this pytest session makes (other sessions may run at once).
 SESSION = f"session-{uuid.uuid4().hex[:8]}"
 #: Test objects older than this are leftovers of a killed session, whoever made them.
 STALE_SECONDS = 2 * 3600
-IMAGE = os.environ.get("TOOLSERVER_NODE__IMAGE", "toolserver-node:latest")
+IMAGE = node_image()
 
 
 def _docker_url() -> str:
@@ -122,17 +124,19 @@ def manager_id() -> str:
 
 @pytest.fixture
 async def make_runtime(
-    docker: aiodocker.Docker, manager_id: str
+    docker: aiodocker.Docker, manager_id: str, tmp_path: Path
 ) -> AsyncIterator[Callable[..., DockerRuntime]]:
-    """``make_runtime(**node_settings)`` → a DockerRuntime for this test's manager id."""
+    """``make_runtime(resources=..., **docker_keys)`` → a DockerRuntime for this test's manager id
+    (the keys of DockerConfig, and the shared node.resources limits)."""
     made: list[DockerRuntime] = []
 
-    def make(**node: Any) -> DockerRuntime:
-        kwargs = dict(node.pop("creation_kwargs", {}))
+    def make(resources: dict[str, Any] | None = None, **keys: Any) -> DockerRuntime:
+        kwargs = dict(keys.pop("creation_kwargs", {}))
         kwargs["labels"] = {**kwargs.get("labels", {}), TEST_LABEL: SESSION}
-        node.setdefault("image", IMAGE)
-        settings = Settings(manager_id=manager_id, runtime="docker", node={**node, "creation_kwargs": kwargs})
-        runtime = DockerRuntime(settings)
+        keys.setdefault("image", IMAGE)
+        config = validate_config("docker", {**keys, "creation_kwargs": kwargs})
+        context = RuntimeContext(tmp_path, manager_id, resources=ResourceLimits(**(resources or {})))
+        runtime = DockerRuntime(config, context)
         made.append(runtime)
         return runtime
 

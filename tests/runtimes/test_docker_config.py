@@ -21,8 +21,14 @@ from toolserver.runtimes.docker_state import (
 SPEC = NodeSpec(node_id="abc123", manager_id="m1", secret="s3cret", env={"A": "1"})
 
 
+def template(**node: Any) -> NodeTemplate:
+    """The template of Docker settings given where XAgent's manager.yml puts them (under node)."""
+    settings = Settings(manager_id="m1", isolation="docker", node=node)
+    return NodeTemplate.from_config(settings.runtime_config, settings.runtime_context())
+
+
 def body(**node: Any) -> dict[str, Any]:
-    return NodeTemplate.from_settings(Settings(manager_id="m1", node=node)).container_body(SPEC)
+    return template(**node).container_body(SPEC)
 
 
 def test_defaults_are_hardened() -> None:
@@ -115,7 +121,7 @@ def test_docker_socket_is_never_mounted(volumes: Any) -> None:
         ({"network_mode": "host"}, "another network namespace"),
         ({"pid_mode": "host"}, "process namespace"),
         ({"ports": {"31942/tcp": 80}}, "publishes the node port"),
-        ({"bogus": 1}, "unknown key 'node.creation_kwargs.bogus'"),
+        ({"bogus": 1}, "unknown key 'runtime_config.creation_kwargs.bogus'"),
         ({"mem_limit": "lots"}, "not a size"),
     ],
 )
@@ -125,9 +131,8 @@ def test_bad_creation_kwargs_name_the_key(kwargs: dict[str, Any], match: str) ->
 
 
 def test_bad_node_id_is_refused() -> None:
-    template = NodeTemplate.from_settings(Settings(manager_id="m1"))
     with pytest.raises(RuntimeBackendError):
-        template.container_body(NodeSpec(node_id="../x", manager_id="m1", secret="s"))
+        template().container_body(NodeSpec(node_id="../x", manager_id="m1", secret="s"))
 
 
 def test_parse_size() -> None:

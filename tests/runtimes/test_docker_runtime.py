@@ -15,9 +15,8 @@ import httpx
 import pytest
 
 from toolserver.errors import NodeNotFound, RuntimeUnavailable
-from toolserver.manager.settings import Settings
-from toolserver.runtimes.base import LABEL_MANAGER, LABEL_NODE, NodeInfo, NodeSpec
-from toolserver.runtimes.docker import DockerRuntime
+from toolserver.runtimes.base import LABEL_MANAGER, LABEL_NODE, NodeInfo, NodeSpec, RuntimeContext
+from toolserver.runtimes.docker import DockerConfig, DockerRuntime
 
 from .conftest import IMAGE, SESSION, TEST_LABEL, exec_in, wait_for
 
@@ -233,7 +232,7 @@ async def test_recovers_when_the_engine_comes_back(
     """A socket that is missing, then appears: the next call works without a new runtime."""
     real = (os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock").removeprefix("unix://")
     link = tmp_path / "docker.sock"
-    rt = DockerRuntime(Settings(manager_id=manager_id, node={"docker_url": f"unix://{link}"}))
+    rt = DockerRuntime(DockerConfig(docker_url=f"unix://{link}"), RuntimeContext(tmp_path, manager_id))
     with pytest.raises(RuntimeUnavailable):
         await rt.list(manager_id)
     with pytest.raises(RuntimeUnavailable):

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from toolserver.errors import RuntimeUnavailable
-from toolserver.manager.settings import Settings
-from toolserver.runtimes.base import NodeSpec
-from toolserver.runtimes.docker import DockerRuntime
+from toolserver.runtimes.base import NodeSpec, RuntimeContext
+from toolserver.runtimes.docker import DockerConfig, DockerRuntime
 
 URL = "unix:///nonexistent.sock"
 
 
 async def test_unreachable_engine_raises_runtime_unavailable() -> None:
-    rt = DockerRuntime(Settings(manager_id="m-unreachable", node={"docker_url": URL}))
+    rt = DockerRuntime(DockerConfig(docker_url=URL), RuntimeContext(Path("data"), "m-unreachable"))
     spec = NodeSpec(node_id="n1", manager_id="m-unreachable", secret="s")
     calls = [
         rt.list("m-unreachable"),
@@ -33,6 +34,6 @@ async def test_unreachable_engine_raises_runtime_unavailable() -> None:
 
 
 async def test_bad_engine_address_is_runtime_unavailable() -> None:
-    rt = DockerRuntime(Settings(manager_id="m", node={"docker_url": "gopher://nowhere"}))
+    rt = DockerRuntime(DockerConfig(docker_url="gopher://nowhere"), RuntimeContext(Path("data"), "m"))
     with pytest.raises(RuntimeUnavailable, match="gopher://nowhere"):
         await rt.list("m")

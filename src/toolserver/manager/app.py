@@ -40,7 +40,13 @@ MCP_PATHS = frozenset({"/mcp", "/mcp/"})
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     store = await open_store(settings.database_url)
-    runtime: Runtime = app.state.runtime or create_runtime(settings)
+    runtime: Runtime = app.state.runtime or create_runtime(
+        settings.runtime_config, settings.runtime_context()
+    )
+    if settings.ignored_keys:
+        log.warning(
+            "%s: not settings of the %s runtime, ignored", ", ".join(settings.ignored_keys), runtime.name
+        )
     activity = ActivityBuffer(store)
     sessions = SessionService(settings, store, runtime, activity)
     proxy = NodeProxy(sessions, activity, settings.node.request_timeout_seconds)

@@ -252,7 +252,7 @@ def run_standalone(settings: Settings) -> int:
 
     async def main() -> int:
         store = await open_store(settings.database_url)
-        runtime = create_runtime(settings)
+        runtime = create_runtime(settings.runtime_config, settings.runtime_context())
         checker = NodeChecker(settings, store, runtime)
         try:
             if not await checker.register():

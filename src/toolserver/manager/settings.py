@@ -3,44 +3,67 @@
 Accepts the keys of XAgent's manager.yml with their meaning, and ToolServer's own. Every model
 forbids unknown keys, so a typo stops the manager with a message naming the key.
 Environment overrides use ``__`` between levels: ``TOOLSERVER_NODE__MAX_NODES=20``.
+
+``isolation`` names the runtime (``runtime`` is its former name and means the same); the
+runtime's own keys sit in ``runtime_config`` and are validated by that runtime's config model
+(see :mod:`toolserver.runtimes.registry`) when the settings load. XAgent's file put Docker's keys
+under ``node`` (``node.image``, ``node.creation_kwargs``, ...): they are moved into
+``runtime_config`` when the chosen runtime has them, and set aside (:attr:`Settings.ignored_keys`)
+when it has not, as the process runtime always ignored them.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ModelWrapValidatorHandler,
+    PrivateAttr,
+    SerializeAsAny,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import SettingsConfigDict
 
 from toolserver import __version__
 from toolserver.config import EnvOverYamlSettings, describe_validation_error, read_yaml_mapping
 from toolserver.errors import ConfigError
 from toolserver.protocol import DEFAULT_REDIRECT_GET, DEFAULT_REDIRECT_POST
+from toolserver.runtimes.base import ResourceLimits, RuntimeConfig, RuntimeContext
+from toolserver.runtimes.registry import runtime_class, validate_config
+
+DEFAULT_ISOLATION = "process"
+#: Keys of XAgent's manager.yml under ``node`` that belong to a runtime (Docker's).
+XAGENT_RUNTIME_KEYS = (
+    "image",
+    "docker_url",
+    "address_mode",
+    "network",
+    "read_only_rootfs",
+    "creation_kwargs",
+    "device_requests",
+    "port",
+)
+
+__all__ = ["NodeSettings", "ResourceLimits", "Settings", "load_settings"]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ResourceLimits(_Strict):
-    """Per-node resource limits (Docker runtime)."""
-
-    memory: str | None = Field("1g", description="memory limit, Docker syntax: 512m, 2g")
-    cpus: float | None = Field(1.0, gt=0)
-    pids_limit: int | None = Field(256, gt=0)
-
-
 class NodeSettings(_Strict):
-    # XAgent's manager.yml keys
+    # XAgent's manager.yml keys (its Docker keys move to runtime_config, see the module docstring)
     creation_wait_seconds: float = Field(60, gt=0, description="how long /get_cookie waits for a node")
     idling_close_minutes: float = Field(30, gt=0, description="stop a node idle this long")
     health_check: bool = True
     health_check_interval: float = Field(1.0, gt=0, description="seconds between checker ticks")
-    port: int = Field(31942, ge=1, le=65535, description="port the node listens on inside its container")
-    creation_kwargs: dict[str, Any] = Field(default_factory=dict, description="Docker create options")
-    device_requests: list[dict[str, Any]] | None = None
     # ToolServer's own
     idling_release_minutes: float = Field(24 * 60, gt=0, description="release a node stopped this long")
     max_nodes: int = Field(64, ge=1)
@@ -50,12 +73,6 @@ class NodeSettings(_Strict):
     warm_pool_size: int = Field(0, ge=0)
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for every node")
     config: Path | None = Field(None, description="node YAML config handed to every node")
-    # Docker runtime
-    image: str = "toolserver-node:latest"
-    docker_url: str | None = None
-    address_mode: Literal["published", "network"] = "published"
-    network: str | None = None
-    read_only_rootfs: bool = False
     resources: ResourceLimits = Field(default_factory=ResourceLimits)
 
 
@@ -96,7 +113,9 @@ class Settings(EnvOverYamlSettings):
 
     version: str = __version__
     builtin_monitor: bool = True
-    runtime: Literal["process", "docker"] = "process"
+    isolation: str = Field(DEFAULT_ISOLATION, description="the runtime nodes run in (a registered name)")
+    runtime: str | None = Field(None, description="former name of isolation, same meaning")
+    runtime_config: SerializeAsAny[RuntimeConfig] = Field(description="the chosen runtime's own keys")
     database_url: str = "sqlite+aiosqlite:///data/toolserver.db"
     data_dir: Path = Path("data")
     host: str = "127.0.0.1"
@@ -106,12 +125,117 @@ class Settings(EnvOverYamlSettings):
     node: NodeSettings = Field(default_factory=NodeSettings)
     mcp: McpSettings = Field(default_factory=McpSettings)
     redirect_to_node_path: RedirectPaths = Field(default_factory=RedirectPaths)
+    _ignored_keys: tuple[str, ...] = PrivateAttr(())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _runtime_config(cls, data: Any, handler: ModelWrapValidatorHandler[Settings]) -> Settings:
+        if not isinstance(data, dict):  # an assignment: the runtime was chosen at load time
+            settings = handler(data)
+            if not settings.isolation == settings.runtime == settings.runtime_config.type:
+                chosen = settings.runtime_config.type
+                raise ConfigError(
+                    f"isolation is {settings.isolation!r} but runtime_config belongs to {chosen!r}: the "
+                    "runtime is chosen when the settings load; load new settings to change it"
+                )
+            return settings
+        data, ignored = _place_runtime_config(data)
+        settings = handler(data)
+        settings._ignored_keys = ignored
+        return settings
 
     @model_validator(mode="after")
     def _default_manager_id(self) -> Settings:
         if not self.manager_id:
             object.__setattr__(self, "manager_id", f"{socket.gethostname()}-{self.port}")
         return self
+
+    @property
+    def ignored_keys(self) -> tuple[str, ...]:
+        """XAgent-placed keys (``node.port``, ...) that the chosen runtime has no use for."""
+        return self._ignored_keys
+
+    def runtime_context(self) -> RuntimeContext:
+        """What every runtime gets from the manager besides its own config."""
+        return RuntimeContext(
+            data_dir=self.data_dir,
+            manager_id=self.manager_id,
+            node_env=dict(self.node.env),
+            node_config=self.node.config,
+            resources=self.node.resources,
+            stop_grace_seconds=self.node.stop_grace_seconds,
+        )
+
+
+def _isolation(data: dict[str, Any]) -> tuple[str, str]:
+    """The chosen runtime's name and the key that chose it."""
+    isolation, runtime = data.get("isolation"), data.get("runtime")
+    if isolation and runtime and isolation != runtime:
+        raise ConfigError(
+            f"'isolation' ({isolation!r}) and its former name 'runtime' ({runtime!r}) differ; "
+            "set only isolation"
+        )
+    if isolation:
+        return str(isolation), "isolation"
+    return (str(runtime), "runtime") if runtime else (DEFAULT_ISOLATION, "isolation")
+
+
+def _in_environment(*key: str) -> bool:
+    """Whether a ``TOOLSERVER_*`` variable sets this key (or one beneath it)."""
+    name = "TOOLSERVER_" + "__".join(key).upper()
+    return any(k.upper() == name or k.upper().startswith(name + "__") for k in os.environ)
+
+
+def _wins(old: str) -> bool:
+    """Whether ``node.<old>`` wins over a different ``runtime_config.<old>``: the environment
+    overrides the file, as everywhere; given at the same level, the two are an error."""
+    old_env, new_env = _in_environment("node", old), _in_environment("runtime_config", old)
+    if old_env == new_env:
+        raise ConfigError(f"'node.{old}' and 'runtime_config.{old}' differ; keep only runtime_config.{old}")
+    return old_env
+
+
+def _place_runtime_config(data: dict[str, Any]) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """``data`` with ``runtime_config`` validated by the chosen runtime's model, XAgent's runtime
+    keys moved there from ``node`` (or set aside when the runtime has none of them), and
+    ``isolation`` and ``runtime`` both set to the chosen name."""
+    name, key = _isolation(data)
+    try:
+        model = runtime_class(name).config_model
+    except ConfigError as exc:
+        raise ConfigError(f"'{key}': {exc}") from None
+    section = data.get("runtime_config")
+    if isinstance(section, RuntimeConfig):
+        section = {**section.model_dump(exclude_unset=True), "type": section.type}
+    elif section is None:
+        section = {}
+    elif not isinstance(section, dict):
+        raise ConfigError(f"'runtime_config' must be a mapping of the {name} runtime's keys")
+    section, paths, ignored = dict(section), {}, []
+    node = data.get("node")
+    if isinstance(node, dict):
+        node = dict(node)
+        for old in XAGENT_RUNTIME_KEYS:
+            if old not in node:
+                continue
+            value = node.pop(old)
+            if old not in model.model_fields:
+                if value is not None:
+                    ignored.append(f"node.{old}")
+            elif old in section and section[old] != value and not _wins(old):
+                continue  # runtime_config's value came from the environment
+            else:
+                section[old] = value
+                paths[old] = f"node.{old}"
+    out = {
+        **data,
+        "isolation": name,
+        "runtime": name,
+        "runtime_config": validate_config(name, section, paths=paths),
+    }
+    if node is not None:
+        out["node"] = node
+    return out, tuple(ignored)
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

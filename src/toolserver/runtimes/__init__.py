@@ -1,24 +1,28 @@
-"""Where nodes run: local processes (the embedded default) or Docker containers."""
+"""Where nodes run. Each runtime is one module (its class and its config model), found through
+the registry (:mod:`toolserver.runtimes.registry`): local processes (``process``, the embedded
+default) and Docker containers (``docker``) are built in; others come as packages."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from toolserver.runtimes.base import (
+    NodeInfo,
+    NodeSpec,
+    ResourceLimits,
+    Runtime,
+    RuntimeConfig,
+    RuntimeContext,
+)
+from toolserver.runtimes.registry import create_runtime, runtime_class, runtime_names, validate_config
 
-from toolserver.runtimes.base import NodeInfo, NodeSpec, Runtime
-
-if TYPE_CHECKING:
-    from toolserver.manager.settings import Settings
-
-
-def create_runtime(settings: Settings) -> Runtime:
-    """The runtime named by ``settings.runtime``."""
-    if settings.runtime == "docker":
-        from toolserver.runtimes.docker import DockerRuntime
-
-        return DockerRuntime(settings)
-    from toolserver.runtimes.process import ProcessRuntime
-
-    return ProcessRuntime(settings)
-
-
-__all__ = ["NodeInfo", "NodeSpec", "Runtime", "create_runtime"]
+__all__ = [
+    "NodeInfo",
+    "NodeSpec",
+    "ResourceLimits",
+    "Runtime",
+    "RuntimeConfig",
+    "RuntimeContext",
+    "create_runtime",
+    "runtime_class",
+    "runtime_names",
+    "validate_config",
+]

@@ -12,13 +12,23 @@ runtime cannot say (the seed's default).
 Every method is a coroutine and never blocks the event loop. Errors: :class:`NodeNotFound` when
 the node is already gone, :class:`RuntimeUnavailable` when the backend cannot be reached,
 :class:`RuntimeBackendError` for any other failure.
+
+A runtime is one module: its class (a :class:`Runtime` with ``name`` and ``config_model``) and
+its config model (a :class:`RuntimeConfig` tagged ``type: Literal["<name>"]``, unknown keys
+refused), registered under the entry-point group ``toolserver.runtimes`` (see
+:mod:`toolserver.runtimes.registry`). It is built as ``cls(config, context)``: its own config,
+plus the :class:`RuntimeContext` every runtime gets from the manager; it never reads the
+manager's settings.
 """
 
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo
 
 #: Label/mark keys put on everything a runtime creates.
 LABEL_MANAGER = "toolserver.manager_id"
@@ -31,6 +41,56 @@ HEALTHY = "healthy"
 UNHEALTHY = "unhealthy"
 STARTING = "starting"
 UNKNOWN_HEALTH = "Unknown"
+
+
+class ResourceLimits(BaseModel):
+    """Per-node resource limits, a cross-tier notion (``node.resources``): every runtime that can
+    enforce them does (Docker: cgroups through the Engine). ``None`` means no limit."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    memory: str | None = Field("1g", description="memory limit, Docker syntax: 512m, 2g")
+    cpus: float | None = Field(1.0, gt=0)
+    pids_limit: int | None = Field(256, gt=0)
+
+
+class RuntimeConfig(BaseModel):
+    """Base of every runtime's own config model: subclasses tag it with their name
+    (``type: Literal["docker"] = "docker"``) and add their keys; unknown keys are refused.
+
+    The manager reads it from ``runtime_config`` (or moves XAgent's keys there, see
+    :mod:`toolserver.manager.settings`) and validates it with the chosen runtime's model at load
+    time. Validators that raise ConfigError themselves name a key with :meth:`key_path`, so the
+    message shows where the user wrote it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: str
+
+    @staticmethod
+    def key_path(info: ValidationInfo, name: str) -> str:
+        """The dotted path under which key ``name`` was given (``runtime_config.<name>`` unless the
+        validation context says otherwise, e.g. ``node.creation_kwargs`` from XAgent's file)."""
+        paths = (info.context or {}).get("paths") or {}
+        return str(paths.get(name) or f"runtime_config.{name}")
+
+
+@dataclass(frozen=True)
+class RuntimeContext:
+    """What the manager hands every runtime besides its own config (the runtime-neutral part).
+
+    ``data_dir`` is where a runtime may keep per-node files; ``node_env`` and ``node_config``
+    reach every node (the environment and the node YAML file); ``resources`` are the default
+    limits of a node; ``stop_grace_seconds`` is the SIGTERM → SIGKILL grace the manager uses.
+    """
+
+    data_dir: Path
+    manager_id: str
+    node_env: dict[str, str] = field(default_factory=dict)
+    node_config: Path | None = None
+    resources: ResourceLimits = field(default_factory=ResourceLimits)
+    stop_grace_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -67,9 +127,16 @@ class NodeInfo:
 
 
 class Runtime(abc.ABC):
-    """Abstract runtime. Subclasses: ProcessRuntime, DockerRuntime."""
+    """Abstract runtime. Subclasses: ProcessRuntime, DockerRuntime (and third-party ones)."""
 
+    #: The runtime's registered name (the ``isolation`` setting, the records' ``runtime`` column).
     name: ClassVar[str]
+    #: The runtime's own config model, tagged with ``name``.
+    config_model: ClassVar[type[RuntimeConfig]]
+
+    def __init__(self, config: RuntimeConfig, context: RuntimeContext) -> None:
+        self.config = config
+        self.context = context
 
     @abc.abstractmethod
     async def create(self, spec: NodeSpec) -> NodeInfo:

@@ -6,9 +6,11 @@ A node is a container ``toolserver-node-<node_id>`` plus a named volume
 them (one labelled ``GET /containers/json`` call) and orphans are cleaned up. ``restart`` keeps
 the volume, ``remove`` deletes container and volume.
 
-Address modes (``node.address_mode``): ``published`` publishes the node port on 127.0.0.1 with a
+Its config is :class:`DockerConfig` (``runtime_config`` of ``isolation: docker``).
+
+Address modes (``runtime_config.address_mode``): ``published`` publishes the node port on 127.0.0.1 with a
 random host port, reported as ``127.0.0.1:<port>``; ``network`` reports the container's address on
-``node.network`` and the node's own port, for a manager that runs in a container on that network.
+``runtime_config.network`` and the node's own port, for a manager that runs in a container on that network.
 
 Status and health are Docker's (``State.Status``, ``State.Health.Status``; in ``list`` the Status
 text), except that a node Docker still calls "starting" is reported healthy once its GET /health
@@ -26,7 +28,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import aiodocker
 import aiohttp
@@ -35,10 +37,20 @@ from aiodocker.exceptions import DockerError
 from aiodocker.volumes import DockerVolume
 
 from toolserver.errors import NodeNotFound, RuntimeBackendError, RuntimeUnavailable
-from toolserver.runtimes.base import HEALTHY, LABEL_MANAGER, RUNNING, STARTING, NodeInfo, NodeSpec, Runtime
+from toolserver.runtimes.base import (
+    HEALTHY,
+    LABEL_MANAGER,
+    RUNNING,
+    STARTING,
+    NodeInfo,
+    NodeSpec,
+    Runtime,
+    RuntimeContext,
+)
 from toolserver.runtimes.docker_config import (
     LABEL_ROLE,
     ROLE_NODE,
+    DockerConfig,
     NodeTemplate,
     check_node_id,
     container_name,
@@ -46,8 +58,7 @@ from toolserver.runtimes.docker_config import (
 )
 from toolserver.runtimes.docker_state import from_inspect, from_list_entry
 
-if TYPE_CHECKING:
-    from toolserver.manager.settings import Settings
+__all__ = ["DockerConfig", "DockerRuntime"]
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +79,12 @@ class DockerRuntime(Runtime):
     """Nodes as Docker containers (see the module docstring)."""
 
     name = "docker"
+    config_model = DockerConfig
 
-    def __init__(self, settings: Settings) -> None:
-        self.template = NodeTemplate.from_settings(settings)
-        self.url = settings.node.docker_url or os.environ.get("DOCKER_HOST") or DEFAULT_URL
+    def __init__(self, config: DockerConfig, context: RuntimeContext) -> None:
+        super().__init__(config, context)
+        self.template = NodeTemplate.from_config(config, context)
+        self.url = config.engine_url() or DEFAULT_URL
         version = os.environ.get("DOCKER_API_VERSION", "").strip()
         self.api_version = f"v{version.lstrip('v')}" if version else "auto"
         self._client: aiodocker.Docker | None = None
@@ -124,7 +137,7 @@ class DockerRuntime(Runtime):
     def _unavailable(self, reason: object) -> RuntimeUnavailable:
         return RuntimeUnavailable(
             f"Docker Engine unreachable at {self.url}: {reason} "
-            "(start it with scripts/ensure-docker.sh, or set node.docker_url)"
+            "(start it with scripts/ensure-docker.sh, or set runtime_config.docker_url)"
         )
 
     async def _api(
@@ -233,7 +246,7 @@ class DockerRuntime(Runtime):
         except RuntimeBackendError as exc:
             raise RuntimeBackendError(
                 f"node image {image!r} is missing and cannot be pulled ({exc}); "
-                "build it with 'make node-image' (scripts/build-node-image.sh) or set node.image"
+                "build it with 'make node-image' (scripts/build-node-image.sh) or set runtime_config.image"
             ) from None
 
     async def _replace_stale(self, docker: aiodocker.Docker, name: str, spec: NodeSpec) -> None:

@@ -1,10 +1,13 @@
-"""Settings → Docker Engine API bodies for the Docker runtime (pure functions, no I/O).
+"""The Docker runtime's config (:class:`DockerConfig`) → Engine API bodies (pure functions, no I/O).
 
-``node.creation_kwargs`` takes the keyword arguments of docker-py's ``containers.run`` that
-XAgent's manager.yml used (``image``, ``network``, ``volumes``, ``environment``, ``healthcheck``,
-...); they are translated here to the Engine API's create body. Keys that would undo the sandbox
-(``privileged``, host namespaces, a mounted Docker socket) or that the runtime manages itself
-(``name``, ``ports``, ``auto_remove``) are refused with a :class:`ConfigError` naming the key.
+:class:`DockerConfig` holds Docker's keys (``runtime_config`` of ``isolation: docker``; XAgent's
+``node.image``, ``node.creation_kwargs``, ... are moved there by the manager's settings) and is
+validated at load time, ``creation_kwargs`` included. ``creation_kwargs`` takes the keyword
+arguments of docker-py's ``containers.run`` that XAgent's manager.yml used (``image``,
+``network``, ``volumes``, ``environment``, ``healthcheck``, ...); they are translated here to
+the Engine API's create body. Keys that would undo the sandbox (``privileged``, host namespaces,
+a mounted Docker socket) or that the runtime manages itself (``name``, ``ports``,
+``auto_remove``) are refused with a :class:`ConfigError` naming the key.
 
 Every node is hardened whatever the kwargs say: not privileged, ``CapDrop: [ALL]``,
 ``no-new-privileges``, memory/CPU/pids limits, a non-root user, an init process that reaps zombies.
@@ -16,14 +19,13 @@ import os
 import re
 import shlex
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, model_validator
 
 from toolserver.errors import ConfigError, RuntimeBackendError
 from toolserver.protocol import SECRET_ENV
-from toolserver.runtimes.base import LABEL_MANAGER, LABEL_NODE, NodeSpec
-
-if TYPE_CHECKING:
-    from toolserver.manager.settings import Settings
+from toolserver.runtimes.base import LABEL_MANAGER, LABEL_NODE, NodeSpec, RuntimeConfig, RuntimeContext
 
 #: Extra labels on every container/volume the runtime creates.
 LABEL_VOLUME = "toolserver.volume"
@@ -79,7 +81,7 @@ _IGNORED = {"detach"}
 #: Refused with the reason.
 _REFUSED = {
     "name": "the runtime names every node toolserver-node-<node_id>",
-    "ports": "the runtime publishes the node port itself (node.address_mode)",
+    "ports": "the runtime publishes the node port itself (runtime_config.address_mode)",
     "auto_remove": "a removed container loses its workspace and exit status; the manager removes nodes",
     "remove": "a removed container loses its workspace and exit status; the manager removes nodes",
     "restart_policy": "the manager restarts nodes itself",
@@ -255,11 +257,13 @@ class Translated:
     security_opt: list[str] = field(default_factory=list)
 
 
-def translate_creation_kwargs(kwargs: dict[str, Any], sockets: set[str]) -> Translated:
-    """Validate and translate ``node.creation_kwargs``; raise ConfigError naming a bad key."""
+def translate_creation_kwargs(
+    kwargs: dict[str, Any], sockets: set[str], where: str = "runtime_config.creation_kwargs"
+) -> Translated:
+    """Validate and translate ``creation_kwargs`` (given at ``where``); raise ConfigError naming a bad key."""
     out = Translated()
     for name, value in kwargs.items():
-        key = f"node.creation_kwargs.{name}"
+        key = f"{where}.{name}"
         if name in _IGNORED:
             continue
         if name in _REFUSED:
@@ -340,9 +344,46 @@ def _device(value: Any, key: str) -> dict[str, str]:
     return {"PathOnHost": host, "PathInContainer": inner, "CgroupPermissions": perms}
 
 
+class DockerConfig(RuntimeConfig):
+    """The Docker runtime's own keys (``isolation: docker``)."""
+
+    type: Literal["docker"] = "docker"
+    image: str = "toolserver-node:latest"
+    docker_url: str | None = Field(
+        None, description="Engine address; default $DOCKER_HOST or the local socket"
+    )
+    address_mode: Literal["published", "network"] = "published"
+    network: str | None = None
+    read_only_rootfs: bool = False
+    port: int = Field(IMAGE_PORT, ge=1, le=65535, description="port the node listens on inside its container")
+    creation_kwargs: dict[str, Any] = Field(default_factory=dict, description="docker-py create options")
+    device_requests: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> DockerConfig:
+        """creation_kwargs and device_requests are checked here, so a bad one stops the manager at load."""
+        tr = translate_creation_kwargs(
+            dict(self.creation_kwargs),
+            socket_paths(self.engine_url()),
+            self.key_path(info, "creation_kwargs"),
+        )
+        if self.network and tr.network and self.network != tr.network:
+            raise ConfigError(
+                f"'{self.key_path(info, 'network')}' ({self.network!r}) and "
+                f"'{self.key_path(info, 'creation_kwargs')}.network' ({tr.network!r}) differ"
+            )
+        if self.device_requests:
+            device_requests(self.device_requests, self.key_path(info, "device_requests"))
+        return self
+
+    def engine_url(self) -> str | None:
+        """The Engine address given here or in $DOCKER_HOST (None: the default socket)."""
+        return self.docker_url or os.environ.get("DOCKER_HOST")
+
+
 @dataclass
 class NodeTemplate:
-    """Everything the runtime needs to create a node, compiled once from the settings."""
+    """Everything the runtime needs to create a node, compiled once from its config and context."""
 
     image: str
     port: int
@@ -355,23 +396,17 @@ class NodeTemplate:
     config_file: str | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> NodeTemplate:
-        node = settings.node
-        sockets = socket_paths(node.docker_url or os.environ.get("DOCKER_HOST"))
-        tr = translate_creation_kwargs(dict(node.creation_kwargs), sockets)
-        if node.network and tr.network and node.network != tr.network:
-            raise ConfigError(
-                f"'node.network' ({node.network!r}) and 'node.creation_kwargs.network' "
-                f"({tr.network!r}) differ"
-            )
-        network = node.network or tr.network
-        res = node.resources
+    def from_config(cls, config: DockerConfig, context: RuntimeContext) -> NodeTemplate:
+        sockets = socket_paths(config.engine_url())
+        tr = translate_creation_kwargs(dict(config.creation_kwargs), sockets)  # checked at load already
+        network = config.network or tr.network
+        res = context.resources
         host: dict[str, Any] = {
             "Privileged": False,
             "CapDrop": ["ALL"],
             "SecurityOpt": ["no-new-privileges:true", *tr.security_opt],
             "Init": True,
-            "ReadonlyRootfs": node.read_only_rootfs,
+            "ReadonlyRootfs": config.read_only_rootfs,
             "LogConfig": {"Type": "json-file", "Config": {"max-size": "10m", "max-file": "3"}},
         }
         if res.memory is not None:
@@ -382,8 +417,8 @@ class NodeTemplate:
             host["NanoCpus"] = int(res.cpus * 1e9)
         if res.pids_limit is not None:
             host["PidsLimit"] = res.pids_limit
-        if node.device_requests:
-            host["DeviceRequests"] = device_requests(node.device_requests, "node.device_requests")
+        if config.device_requests:
+            host["DeviceRequests"] = device_requests(config.device_requests, "runtime_config.device_requests")
         host.update(tr.host)  # explicit creation_kwargs win over the defaults above
         if "Memory" in tr.host and "MemorySwap" not in tr.host:
             host["MemorySwap"] = tr.host["Memory"]
@@ -394,16 +429,16 @@ class NodeTemplate:
                 f"gid={NODE_USER.split(':')[1]}",
             }
             host["Tmpfs"] = {**tmpfs, **host.get("Tmpfs", {})}
-        config_file = str(node.config.resolve()) if node.config else None
+        config_file = str(context.node_config.resolve()) if context.node_config else None
         if config_file:
             refuse_docker_socket([f"{config_file}:{NODE_CONFIG_PATH}"], sockets, "node.config")
         return cls(
-            image=str(tr.config.pop("Image", None) or node.image),
-            port=node.port,
-            address_mode=node.address_mode,
+            image=str(tr.config.pop("Image", None) or config.image),
+            port=config.port,
+            address_mode=config.address_mode,
             network=network,
-            stop_grace=node.stop_grace_seconds,
-            env=dict(node.env),
+            stop_grace=context.stop_grace_seconds,
+            env=dict(context.node_env),
             translated=tr,
             host_config=host,
             config_file=config_file,

@@ -1,4 +1,7 @@
-"""The embedded default: every node is a local ``toolserver node`` process.
+"""The embedded default: every node is a local ``toolserver node`` process (``isolation: process``).
+
+No keys of its own (:class:`ProcessConfig`); it uses the context's data directory, node
+environment and node config file. Nodes are not confined: they run as the manager's user.
 
 Each node owns a directory ``<data_dir>/nodes/<node_id>/`` holding ``workspace/`` (the only place
 the node writes), ``state/`` (the node's own state), ``node.json`` (the runtime's mark: manager id,
@@ -22,13 +25,12 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import psutil
 
 from toolserver.errors import NodeNotFound, RuntimeBackendError
-from toolserver.manager.settings import Settings
 from toolserver.protocol import SECRET_ENV
 from toolserver.runtimes.base import (
     CREATED,
@@ -40,6 +42,8 @@ from toolserver.runtimes.base import (
     NodeInfo,
     NodeSpec,
     Runtime,
+    RuntimeConfig,
+    RuntimeContext,
 )
 
 log = logging.getLogger(__name__)
@@ -96,13 +100,21 @@ def _kill_all(procs: list[psutil.Process], sig: int) -> None:
             proc.send_signal(sig)
 
 
+class ProcessConfig(RuntimeConfig):
+    """The process runtime's config: no keys of its own."""
+
+    type: Literal["process"] = "process"
+
+
 class ProcessRuntime(Runtime):
     name = "process"
+    config_model = ProcessConfig
 
-    def __init__(self, settings: Settings) -> None:
-        self.root = Path(settings.data_dir).resolve() / "nodes"
-        self.node_config = Path(settings.node.config).resolve() if settings.node.config else None
-        self.extra_env = dict(settings.node.env)
+    def __init__(self, config: ProcessConfig, context: RuntimeContext) -> None:
+        super().__init__(config, context)
+        self.root = Path(context.data_dir).resolve() / "nodes"
+        self.node_config = Path(context.node_config).resolve() if context.node_config else None
+        self.extra_env = dict(context.node_env)
         self.host = "127.0.0.1"
         self._children: dict[str, asyncio.subprocess.Process] = {}
         self._healthy_once: set[str] = set()
