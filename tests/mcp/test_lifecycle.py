@@ -10,7 +10,7 @@ import httpx
 import pytest
 from mcp import Client, MCPError
 
-from tests.mcp.conftest import assert_nothing_leaked, session_nodes
+from tests.mcp.conftest import assert_nothing_leaked, mcp_client, session_nodes
 from tests.mcp.test_http import ACCEPT, INITIALIZE
 from tests.support import ManagerProcess, wait_until
 
@@ -37,21 +37,35 @@ async def _in_thread(what: str, predicate: Callable[[], object]) -> object:
     return await anyio.to_thread.run_sync(lambda: wait_until(predicate, timeout=30, what=what))
 
 
-async def test_capacity_and_idle_close_apply_to_mcp_sessions(strict_manager: ManagerProcess) -> None:
-    async with Client(strict_manager.url + "/mcp") as first:
-        kept = {"filepath": "kept.txt", "content": "still here"}
-        await first.call_tool("FileSystemEnv_write_to_file", kept)
+async def test_capacity_applies_to_mcp_sessions(strict_manager: ManagerProcess) -> None:
+    async with Client(strict_manager.url + "/mcp"):
         # node.max_nodes = 1: a second session is refused with the manager's reason
         with pytest.raises(BaseExceptionGroup) as refused:
             async with Client(strict_manager.url + "/mcp"):
                 pass
         assert refused.group_contains(MCPError, match=r"node\.max_nodes = 1")
+    await anyio.to_thread.run_sync(assert_nothing_leaked, strict_manager)
+
+
+@pytest.mark.parametrize("transport", ["http", "stdio"])
+async def test_idle_closed_node_starts_again_for_the_next_call(
+    strict_manager: ManagerProcess, transport: str
+) -> None:
+    def stopped() -> bool:
+        return session_nodes(strict_manager)[0]["status"] == "exited"
+
+    async with mcp_client(strict_manager, transport) as client:
+        kept = {"filepath": "kept.txt", "content": "still here"}
+        await client.call_tool("FileSystemEnv_write_to_file", kept)
         # the checker stops the idle node like any session's; the next call starts it again
-        stopped = lambda: session_nodes(strict_manager)[0]["status"] == "exited"  # noqa: E731
         await _in_thread("the idle node stopped", stopped)
-        result = await first.call_tool("FileSystemEnv_read_from_file", {"filepath": "kept.txt"})
+        result = await client.call_tool("FileSystemEnv_read_from_file", {"filepath": "kept.txt"})
         assert not result.is_error and "still here" in result.content[0].text
         assert session_nodes(strict_manager)[0]["status"] == "running"
+        # and so does a resource read
+        await _in_thread("the idle node stopped again", stopped)
+        (contents,) = (await client.read_resource("workspace:///kept.txt")).contents
+        assert contents.text.strip() == "still here"
     await anyio.to_thread.run_sync(assert_nothing_leaked, strict_manager)
 
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import mimetypes
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from toolserver.errors import (
     DatabaseUnavailable,
@@ -26,6 +27,9 @@ from toolserver.errors import (
     ResourceError,
     ResourceTooLarge,
 )
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Largest answer to a JSON call that is read (a tool result with images, say).
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
@@ -84,21 +88,40 @@ class Sandbox(ABC):
         """Start the node again after the checker stopped it (workspace kept)."""
 
     async def post(self, path: str, payload: dict[str, Any] | None = None) -> NodeAnswer:
-        """The node's answer; transport failures come back as 503/504 answers with their reason.
+        """The node's answer; transport failures come back as 503/504 answers with their reason."""
+        return await self._restarting_if_stopped(
+            lambda: self._post(path, payload), lambda a: a.status == 503 and _stopped(a.detail)
+        )
 
-        A node the checker stopped for being idle is started again first, as a reconnect would.
+    async def read_file(self, path: str, limit: int) -> FileData:
+        """A workspace file of at most ``limit`` bytes; ResourceError (or ResourceTooLarge) otherwise."""
+        result = await self._restarting_if_stopped(
+            lambda: self._read_file(path, limit), lambda r: isinstance(r, _StoppedNode)
+        )
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def _restarting_if_stopped(
+        self, attempt: Callable[[], Awaitable[T]], stopped: Callable[[T], bool]
+    ) -> T:
+        """``attempt()``; when it finds the node stopped by the checker (idle), start it and try again.
+
+        Concurrent calls restart it once: each tries again under the lock before restarting.
         """
-        answer = await self._post(path, payload)
-        if answer.status == 503 and _STOPPED.match(answer.detail):
-            async with self._restarting:
-                answer = await self._post(path, payload)  # another call may have restarted it
-                if answer.status == 503 and _STOPPED.match(answer.detail):
-                    try:
-                        await self.restart()
-                    except Exception as exc:
-                        return NodeAnswer(503, {"detail": f"the stopped node did not restart: {exc}"})
-                    answer = await self._post(path, payload)
-        return answer
+        result = await attempt()
+        if not stopped(result):
+            return result
+        async with self._restarting:
+            result = await attempt()
+            if not stopped(result):
+                return result
+            try:
+                await self.restart()
+            except Exception as exc:
+                log.warning("the stopped node did not restart: %s", exc)
+                return result
+            return await attempt()
 
     async def _post(self, path: str, payload: dict[str, Any] | None) -> NodeAnswer:
         try:
@@ -114,25 +137,35 @@ class Sandbox(ABC):
         except (NodeUnavailable, DatabaseUnavailable) as exc:
             return NodeAnswer(getattr(exc, "status_code", 503), {"detail": str(exc)})
 
-    async def read_file(self, path: str, limit: int) -> FileData:
-        """A workspace file of at most ``limit`` bytes; ResourceError (or ResourceTooLarge) otherwise."""
+    async def _read_file(self, path: str, limit: int) -> FileData | ResourceError:
         try:
             async with self.open("/download_file", {"file_path": path}) as stream:
                 if stream.status != 200:
                     body = await _read(stream, 1 << 20) or b""
                     answer = NodeAnswer(stream.status, await _parse(body, stream.media_type))
-                    raise ResourceError(f"cannot read {path!r}: {answer.detail}")
+                    if answer.status == 503 and _stopped(answer.detail):
+                        return _StoppedNode(f"cannot read {path!r}: {answer.detail}")
+                    return ResourceError(f"cannot read {path!r}: {answer.detail}")
                 if stream.length is not None and stream.length > limit:
-                    raise _too_large(path, stream.length, limit)
+                    return _too_large(path, stream.length, limit)
                 data = await _read(stream, limit)
                 if data is None:
-                    raise _too_large(path, None, limit)
+                    return _too_large(path, None, limit)
         except InvalidSession:
-            raise ResourceError(GONE) from None
+            return ResourceError(GONE)
         except (NodeUnavailable, DatabaseUnavailable) as exc:
-            raise ResourceError(f"cannot read {path!r}: {exc}") from None
+            kind = _StoppedNode if _stopped(str(exc)) else ResourceError
+            return kind(f"cannot read {path!r}: {exc}")
         media = mimetypes.guess_type(path)[0] or "application/octet-stream"
         return FileData(path, media, data)
+
+
+class _StoppedNode(ResourceError):
+    """The read found the node stopped (it is restarted and the read tried again)."""
+
+
+def _stopped(detail: str) -> bool:
+    return _STOPPED.match(detail) is not None
 
 
 def _too_large(path: str, size: int | None, limit: int) -> ResourceTooLarge:
