@@ -172,10 +172,6 @@ class McpEndpoint:
         self._stack = contextlib.AsyncExitStack()
         self._sweeper: asyncio.Task[None] | None = None
 
-    @property
-    def open_sessions(self) -> int:
-        return len(self._bindings)
-
     async def start(self) -> None:
         await self._stack.enter_async_context(self.sdk.run())
         self._sweeper = asyncio.create_task(self._sweep(), name="mcp-idle-sessions")
