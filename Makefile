@@ -28,6 +28,7 @@ node-image: venv
 
 test: venv docker-ready
 	bash scripts/ensure-postgres.sh
+	bash scripts/ensure-chromium.sh
 	bash scripts/ensure-inspector.sh
 	$(BIN)/ruff check src tests bench
 	$(BIN)/pytest

@@ -19,6 +19,7 @@ from types import ModuleType
 from bench import (
     checker_cost,
     checker_docker,
+    limits,
     machine,
     mcp,
     memory,
@@ -32,7 +33,7 @@ from bench.common import DOCS_DIR, RESULTS_DIR, Context, Outcome
 from bench.procs import cleanup_all, install_signal_handlers
 
 BENCHMARKS: dict[str, ModuleType] = {
-    m.NAME: m for m in (session_ready, proxy, mcp, streaming, checker_cost, checker_docker, memory)
+    m.NAME: m for m in (session_ready, proxy, mcp, streaming, checker_cost, checker_docker, memory, limits)
 }
 
 

@@ -7,16 +7,19 @@ a separate process: asyncio + httptools, closed loop, keep-alive connections):
 * *direct*: the node's own port, with the ``X-ToolServer-Node-Secret`` header;
 * *nginx*: Debian's nginx as a plain reverse proxy (one worker, keep-alive upstream, access log
   off, the secret injected with ``proxy_set_header``);
-* *manager*: the manager's port with the session cookie.
+* *manager*: the manager's port with the session cookie (``auth: none``);
+* *manager + key*: a second worker process of the same manager (same database, same node) with
+  ``auth: api_keys``, the session cookie and ``Authorization: Bearer <key>``; the session was
+  opened with that (user) key, so every request passes the key check and the owner check.
 
 Two requests: *small*, ``execute_tool`` of ``calculator("6*7")`` (59-byte body, answer ``42``);
 *1 KB echo*, ``calculator`` of a 1,024-digit integer literal, which answers the same 1,024 digits
 (1.08 KB body in, 1 KB out). Each is run at concurrency 1 and 64, with a warm-up, bounded by a
 request count and a duration; the full run repeats every (target) measurement in two rounds in
 alternating order and pools them. *Added latency* is the proxied percentile minus the direct one;
-requests per second are the generator's completed answers over its timed phase. Everything
-(node, proxy, generator) shares the same 2 cores, so throughput is the machine's, not a proxy's
-alone.
+requests per second are the generator's completed answers over its timed phase. *Key check
+adds* is manager + key minus manager, same run. Everything (node, proxy, generator) shares the
+same 2 cores, so throughput is the machine's, not a proxy's alone.
 """
 
 from __future__ import annotations
@@ -40,8 +43,9 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "1 KB echo": {"tool_name": "calculator", "arguments": {"expression": ECHO_DIGITS}},
 }
 EXPECTED = {"small": "42", "1 KB echo": ECHO_DIGITS}
-TARGETS = ("direct", "nginx", "manager")
+TARGETS = ("direct", "nginx", "manager", "manager + key")
 ADDED_P50_MS = 1.0
+KEY_CHECK_P50_MS = 0.1
 THROUGHPUT_RATIO = 0.5
 
 
@@ -119,6 +123,19 @@ def _figures(results: dict[str, Any]) -> list[Figure]:
                         at_most(added, ADDED_P50_MS) if has_target else None,
                     )
                 )
+            key_added = lat["manager + key"]["p50"] - lat["manager"]["p50"]
+            rows.append(
+                Figure(
+                    NAME,
+                    f"{workload}, c={conc}: API key check adds (p50)",
+                    key_added,
+                    "ms",
+                    f"auth: none p50 {lat['manager']['p50']:.3f} ms, "
+                    f"api_keys {lat['manager + key']['p50']:.3f} ms",
+                    f"≤ {KEY_CHECK_P50_MS:g} ms" if conc == "1" else "",
+                    at_most(key_added, KEY_CHECK_P50_MS) if conc == "1" else None,
+                )
+            )
             rps = {t: cell[t]["rps_mean"] for t in TARGETS}
             ratio = rps["manager"] / rps["nginx"] if rps["nginx"] else float("nan")
             has_target = conc == "64"
@@ -128,7 +145,8 @@ def _figures(results: dict[str, Any]) -> list[Figure]:
                     f"{workload}, c={conc}: requests/s through the manager",
                     rps["manager"],
                     "req/s",
-                    f"nginx {rps['nginx']:,.0f} req/s, direct {rps['direct']:,.0f} req/s",
+                    f"nginx {rps['nginx']:,.0f} req/s, direct {rps['direct']:,.0f} req/s, "
+                    f"with a key {rps['manager + key']:,.0f} req/s",
                     "≥ 50% of nginx" if has_target else "",
                     at_least(ratio, THROUGHPUT_RATIO) if has_target else None,
                     note=f"{100 * ratio:.0f}% of nginx",
@@ -145,17 +163,27 @@ def _profile_manager(ends: Endpoints, manager: Manager, ctx: Context) -> dict[st
     return info
 
 
+def _keyed_worker(root: Any, manager: Manager, node: dict[str, Any]) -> Manager:
+    """A second worker of ``manager`` (same database and manager id) that requires API keys."""
+    return Manager(root / "manager-keys", node=node, auth="api_keys").share_with(manager)
+
+
 def run(ctx: Context) -> Outcome:
     outcome = Outcome(NAME, TITLE, method=__doc__ or "")
     binary, why = ensure_nginx()
     root = ctx.workdir / "proxy"
-    with Manager(root / "manager", node={"health_check_interval": 1.0}) as manager:
-        with httpx.Client(base_url=manager.url, trust_env=False, timeout=120) as http:
-            cookie = http.post("/get_cookie").cookies["node_id"]
+    node = {"health_check_interval": 1.0}
+    with Manager(root / "manager", node=node) as manager, _keyed_worker(root, manager, node) as keyed:
+        key = manager.create_key("bench", "user", max_sessions=0, starts_per_minute=0)
+        with httpx.Client(base_url=keyed.url, trust_env=False, timeout=120) as http:
+            cookie = http.post("/get_cookie", headers={"Authorization": f"Bearer {key}"}).cookies["node_id"]
         record = manager.node(cookie)
         ends = Endpoints()
         ends.add("direct", record["port"], {"X-ToolServer-Node-Secret": record["secret"]})
         ends.add("manager", manager.port, {"Cookie": f"node_id={cookie}"})
+        ends.add(
+            "manager + key", keyed.port, {"Cookie": f"node_id={cookie}", "Authorization": f"Bearer {key}"}
+        )
         if binary is None:
             outcome.notes.append(f"nginx reference skipped: {why}")
             return outcome

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,11 +23,13 @@ from toolserver.testing.tiers import docker_unavailable_reason, marked_processes
 __all__ = [
     "NODE_IMAGE",
     "ManagerProcess",
+    "check_fuzzed_answer",
     "config_refusal",
     "docker_containers",
     "docker_unavailable_reason",
     "docker_volumes",
     "free_port",
+    "fuzz_settings",
     "http_ok",
     "inprocess_manager",
     "marked_processes",
@@ -118,3 +121,30 @@ def docker_containers(label: str) -> list[dict[str, str]]:
         check=True,
     ).stdout
     return [dict(zip(("id", "state", "name"), line.split(), strict=True)) for line in out.splitlines()]
+
+
+def check_fuzzed_answer(case: Any, response: Any, may_fail: Callable[[Any], bool] | None = None) -> None:
+    """What every fuzzed answer must hold: no 5xx but a documented 503/504 (or one ``may_fail``
+    accepts), and no traceback in the body."""
+    status = response.status_code
+    documented = case.operation.definition.raw.get("responses", {})
+    text = response.content.decode("utf-8", "replace")  # downloads are bytes
+    where = f"{case.method} {case.path} -> {status}: {text[:300]}"
+    # the server's own (a notebook cell's error output is the agent's result, not a crash)
+    assert 'Traceback (most recent call last):\n  File "' not in text, where
+    if status >= 500:
+        assert str(status) in documented, f"undocumented {where}"
+        assert status in (503, 504) or (may_fail is not None and may_fail(response)), where
+
+
+def fuzz_settings(max_examples: int) -> Any:
+    """Hypothesis settings of the fuzzing tests: bounded, no example database, no deadline."""
+    from hypothesis import HealthCheck, Phase, settings
+
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )

@@ -1,9 +1,10 @@
 """Command line of ToolServer.
 
 Servers: ``toolserver manager | node | checker``. Operator: ``toolserver nodes`` lists the node
-records of the manager's database. Client commands talk to a manager through the SDK (``--url``,
-default ``$TOOLSERVER_URL`` or http://127.0.0.1:8080): ``session new | reconnect | close |
-release``, ``tools``, ``exec``, ``upload``, ``download``, ``download-workspace``; ``mcp`` serves a
+records of the manager's database, ``toolserver keys`` manages its API keys. Client commands talk
+to a manager through the SDK (``--url``, default ``$TOOLSERVER_URL`` or http://127.0.0.1:8080;
+``--api-key``, default ``$TOOLSERVER_API_KEY``): ``session new | reconnect | close | release``,
+``tools``, ``exec``, ``upload``, ``download``, ``download-workspace``; ``mcp`` serves a
 session's tools to an MCP client on stdio.
 """
 
@@ -47,6 +48,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     client = argparse.ArgumentParser(add_help=False)  # options of every client command
     client.add_argument("--url", default=argparse.SUPPRESS, help=URL_HELP)
+    client.add_argument(
+        "--api-key", default=argparse.SUPPRESS, metavar="KEY", help="API key (default: $TOOLSERVER_API_KEY)"
+    )
 
     def command(
         name: str, text: str, parents: list[argparse.ArgumentParser] | None = None, group: Any = sub
@@ -80,6 +84,27 @@ def _build_parser() -> argparse.ArgumentParser:
     nodes.add_argument("--config", type=Path, help="the manager's YAML config file")
     nodes.add_argument("--all", action="store_true", help="the nodes of every manager in the database")
     nodes.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+
+    keys = command("keys", "create, list, revoke or expire API keys (in the manager's database)")
+    keys.add_argument("--config", type=Path, help="the manager's YAML config file")
+    key_actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = command("create", "create a key and print it (shown only this once)", group=key_actions)
+    create.add_argument("name", metavar="NAME", help="who the key is for, e.g. alice or ci")
+    create.add_argument("--scope", choices=("user", "admin"), default="user", help="user (default) or admin")
+    create.add_argument("--max-sessions", type=int, metavar="N", help="live sessions (0: no limit)")
+    create.add_argument(
+        "--starts-per-minute", type=int, metavar="N", help="new sessions a minute (0: no limit)"
+    )
+    create.add_argument("--expires", metavar="WHEN", help="e.g. 30d, 12h or 2030-01-31 (default: never)")
+    listing = command("list", "list the keys (never their secrets)", group=key_actions)
+    listing.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    revoke = command(
+        "revoke", "revoke a key (managers refuse it within key_cache_seconds)", group=key_actions
+    )
+    revoke.add_argument("key", metavar="KEY", help="id or name")
+    expire = command("expire", "set when a key expires", group=key_actions)
+    expire.add_argument("key", metavar="KEY", help="id or name")
+    expire.add_argument("when", metavar="WHEN", help="now, a duration (12h, 30d) or an ISO date")
 
     session = command("session", "start, reconnect, close or release a session", [client])
     actions = session.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -152,7 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         from toolserver.client_cli import resolve_url
         from toolserver.mcp_server.stdio import run as run_mcp
 
-        return run_mcp(resolve_url(args.url), args.session, args.resource_max_bytes)
+        return run_mcp(
+            resolve_url(args.url), args.session, args.resource_max_bytes, getattr(args, "api_key", None)
+        )
     if args.command == "node":
         from toolserver.node.server import serve
 
@@ -187,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         from toolserver.manager.listing import print_nodes
 
         return print_nodes(settings, every=args.all, as_json=args.json)
+    elif args.command == "keys":
+        from toolserver.manager.keycli import run_keys
+
+        return run_keys(settings, args)
     else:
         from toolserver.manager.checker import run_standalone
 

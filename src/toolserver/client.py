@@ -8,6 +8,9 @@
 Every session holds its own ``node_id`` cookie, so one client can drive many sessions. Error
 answers raise :class:`toolserver.errors.ClientError` with the status code and the server's detail.
 Uploads and downloads are streamed from and to disk.
+
+A manager with ``auth: api_keys`` needs a key: ``ToolServerClient(url, api_key="tsk_…")``, or
+``$TOOLSERVER_API_KEY``, or credentials in the URL (``http://key:tsk_…@host:8080``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +31,13 @@ from toolserver.protocol import COOKIE_NAME
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+#: Environment variable holding the API key when none is given.
+API_KEY_ENV = "TOOLSERVER_API_KEY"
+
+
+def _auth_headers(api_key: str | None) -> dict[str, str]:
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 @dataclass(frozen=True)
@@ -155,24 +166,32 @@ class Session:
 class ToolServerClient:
     """Synchronous client of a ToolServer manager."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT) -> None:
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, trust_env=False)
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        api_key: str | None = None,
+    ) -> None:
+        self._http = httpx.Client(
+            base_url=base_url, timeout=timeout, trust_env=False, headers=_auth_headers(api_key)
+        )
 
     def alive(self) -> bool:
         return self._http.get("/alive").status_code == 200
 
-    def get_cookie(self) -> Session:
-        """Start a new session; the caller releases it (or use :meth:`session`)."""
-        return Session(self._http, _cookie(_check(self._http.post("/get_cookie"))))
+    def get_cookie(self, labels: dict[str, str] | None = None) -> Session:
+        """Start a new session (with ``labels``); the caller releases it (or use :meth:`session`)."""
+        body = {"labels": labels} if labels else None
+        return Session(self._http, _cookie(_check(self._http.post("/get_cookie", json=body))))
 
     def attach(self, node_id: str) -> Session:
         """A handle on an existing session."""
         return Session(self._http, node_id)
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self, labels: dict[str, str] | None = None) -> Iterator[Session]:
         """A session released on exit."""
-        session = self.get_cookie()
+        session = self.get_cookie(labels)
         try:
             yield session
         finally:
@@ -267,21 +286,29 @@ class AsyncSession:
 class AsyncToolServerClient:
     """Asynchronous client of a ToolServer manager."""
 
-    def __init__(self, base_url: str = DEFAULT_URL, timeout: float | httpx.Timeout = DEFAULT_TIMEOUT) -> None:
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, trust_env=False)
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+        api_key: str | None = None,
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=base_url, timeout=timeout, trust_env=False, headers=_auth_headers(api_key)
+        )
 
     async def alive(self) -> bool:
         return (await self._http.get("/alive")).status_code == 200
 
-    async def get_cookie(self) -> AsyncSession:
-        return AsyncSession(self._http, _cookie(_check(await self._http.post("/get_cookie"))))
+    async def get_cookie(self, labels: dict[str, str] | None = None) -> AsyncSession:
+        body = {"labels": labels} if labels else None
+        return AsyncSession(self._http, _cookie(_check(await self._http.post("/get_cookie", json=body))))
 
     def attach(self, node_id: str) -> AsyncSession:
         return AsyncSession(self._http, node_id)
 
     @contextlib.asynccontextmanager
-    async def session(self) -> AsyncIterator[AsyncSession]:
-        session = await self.get_cookie()
+    async def session(self, labels: dict[str, str] | None = None) -> AsyncIterator[AsyncSession]:
+        session = await self.get_cookie(labels)
         try:
             yield session
         finally:

@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the client command ``args.command``; returns the exit status."""
     url = resolve_url(args.url)
     try:
-        with ToolServerClient(url) as client:
+        with ToolServerClient(url, api_key=getattr(args, "api_key", None)) as client:
             COMMANDS[args.command](client, args)
     except ClientError as exc:
         if exc.body is None:  # not an error answer (no cookie in a 200, say)

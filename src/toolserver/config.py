@@ -40,6 +40,9 @@ def describe_validation_error(
     """
     parts = []
     for err in exc.errors():
+        if not err["loc"]:  # a check across keys: its message says which
+            parts.append(err["msg"].removeprefix("Value error, "))
+            continue
         key = where(tuple(err["loc"]))
         if err["type"] == "extra_forbidden":
             parts.append(f"unknown key '{key}'")

@@ -10,9 +10,16 @@
     ├── NodeStartError              a node did not become ready (failed or timed out)
     ├── DatabaseUnavailable         the records' database cannot be reached (503, retry later)
     ├── SessionError                a session request cannot be served
-    │   ├── InvalidSession          missing/unknown node_id
-    │   ├── CapacityExceeded        node.max_nodes reached
+    │   ├── InvalidSession          missing/unknown node_id (403)
+    │   ├── NotYourSession          the session belongs to another API key (403)
+    │   ├── UnknownSession          no session with that short id (admin API, 404)
+    │   ├── Draining                the manager takes no new sessions (503)
+    │   ├── CapacityExceeded        node.max_nodes reached (429, Retry-After)
+    │   │   └── QuotaExceeded       an API key's quota reached; names the quota (429, Retry-After)
     │   └── NodeUnavailable         the session's node is not running or does not answer (503/504)
+    ├── AccessError                 the caller may not make this request
+    │   ├── NotAuthenticated        no API key, or an unknown, revoked or expired one (401)
+    │   └── AdminRequired           an admin route called with a user key (403)
     ├── ResourceError               a workspace file cannot be served as an MCP resource
     │   └── ResourceTooLarge        larger than mcp.resource_max_bytes
     ├── ToolError                   raised inside a node while running a tool
@@ -65,8 +72,44 @@ class InvalidSession(SessionError):
     """The node_id is missing or unknown."""
 
 
+class NotYourSession(SessionError):
+    """The session exists but belongs to another API key (admin keys act on every session)."""
+
+
+class UnknownSession(SessionError):
+    """No session has the short id an admin route was given."""
+
+
+class Draining(SessionError):
+    """The manager is draining: existing sessions keep working, new ones go to another manager."""
+
+
 class CapacityExceeded(SessionError):
-    """The manager already runs node.max_nodes nodes."""
+    """The manager already runs node.max_nodes nodes; ``retry_after`` is in seconds."""
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QuotaExceeded(CapacityExceeded):
+    """An API key reached one of its quotas; ``quota`` names it (``max_sessions``, ``starts_per_minute``)."""
+
+    def __init__(self, message: str, quota: str, retry_after: int = 5) -> None:
+        super().__init__(message, retry_after)
+        self.quota = quota
+
+
+class AccessError(ToolServerError):
+    """The caller may not make this request."""
+
+
+class NotAuthenticated(AccessError):
+    """The request carries no API key, or one that is unknown, revoked or expired."""
+
+
+class AdminRequired(AccessError):
+    """The route needs an admin key."""
 
 
 class NodeUnavailable(SessionError):

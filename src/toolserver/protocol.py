@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 #: Cookie that carries a session's node id (XAgent's client relies on this name).
 COOKIE_NAME = "node_id"
@@ -62,3 +62,36 @@ class RetrieveToolsRequest(BaseModel):
 class RegisterToolRequest(BaseModel):
     tool_name: str
     code: str
+
+
+def _printable(text: str) -> str:
+    """``text`` unless it holds control characters or unpaired surrogates (which no JSON answer carries)."""
+    if not text.isprintable():
+        raise ValueError("must be printable text (no control characters)")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no unpaired surrogates)") from None
+    return text
+
+
+#: Label names: a letter or digit, then letters, digits and ``_ . - /``; at most 63 characters.
+LabelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_./-]{0,62}$")]
+LabelValue = Annotated[str, StringConstraints(max_length=256), AfterValidator(_printable)]
+MAX_LABELS = 32
+
+
+class SessionOptions(BaseModel):
+    """Options of a new session: the optional JSON body of ``/get_cookie``.
+
+    The one place session options are read: every option is a field here, unknown keys are
+    refused (422 naming the key), and an empty body (XAgent's) means all defaults.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    labels: dict[LabelName, LabelValue] = Field(
+        default_factory=dict,
+        max_length=MAX_LABELS,
+        description='free-form labels of the session, e.g. {"team": "search"}; filterable in the admin API',
+    )

@@ -17,7 +17,7 @@ import pytest
 from tests.support import ManagerProcess, free_port, wait_until
 from toolserver.client import ToolServerClient
 from toolserver.manager.models import ToolServerNode, utcnow
-from toolserver.manager.store import open_store
+from toolserver.manager.store import KeyQuota, open_store
 
 pytestmark = pytest.mark.postgres
 
@@ -105,7 +105,7 @@ async def test_concurrent_claims_on_postgres_never_share_a_node(postgres_url: st
                 )
             )
         claims = await asyncio.gather(*(s.claim_pooled("pg-pool", "healthy") for s in stores * 5))
-        won = [c.id for c in claims if c is not None]
+        won = [node.id for node, _ in claims if node is not None]
         assert len(won) == 10 and len(set(won)) == 10
         assert await stores[0].count_pooled("pg-pool") == 0
     finally:
@@ -171,6 +171,24 @@ async def test_max_nodes_is_atomic_across_stores_on_postgres(postgres_url: str) 
         counts = await asyncio.gather(*(stores[i % 3].add_node_within(n, 5) for i, n in enumerate(nodes)))
         assert sorted(counts) == list(range(5)) + [5] * 10  # each insert saw the ones before it
         assert await stores[0].count_live_nodes("pg-capacity") == 5
+        await stores[0].delete_nodes([n.id for n in nodes])
+    finally:
+        for s in stores:
+            await s.aclose()
+
+
+async def test_a_key_quota_is_atomic_across_stores_on_postgres(postgres_url: str) -> None:
+    stores = [await open_store(postgres_url) for _ in range(3)]
+    quota = KeyQuota("pgkey001", max_sessions=4, starts_per_minute=None)
+    try:
+        # three managers (their own manager ids, so node.max_nodes never binds) share one key
+        nodes = [ToolServerNode.new(f"pg-quota-{i % 3}", "process", owner="pgkey001") for i in range(12)]
+        admissions = await asyncio.gather(
+            *(stores[i % 3].admit_node(n, 100, quota) for i, n in enumerate(nodes))
+        )
+        assert sum(a.admitted for a in admissions) == 4
+        assert {a.refused_by for a in admissions if not a.admitted} == {"max_sessions"}
+        assert await stores[0].count_live_owned("pgkey001") == 4
         await stores[0].delete_nodes([n.id for n in nodes])
     finally:
         for s in stores:

@@ -1,5 +1,8 @@
 """docker-compose.yml as a user runs it: the manager in a container starts node containers beside it.
 
+The deployment requires API keys; the test makes one with ``docker compose exec manager toolserver
+keys create``, as the README says.
+
 The test talks only to the manager's port published on 127.0.0.1; the manager reaches its nodes on
 the compose network the test creates (address_mode network), and no node port is published.
 """
@@ -17,6 +20,7 @@ import pytest
 
 from tests.support import NODE_IMAGE, docker_containers, docker_unavailable_reason, free_port, wait_until
 from toolserver.client import ToolServerClient
+from toolserver.errors import ClientError
 from toolserver.runtimes.base import LABEL_MANAGER
 from toolserver.testing import http_ok
 
@@ -41,7 +45,7 @@ def _image_exists(image: str) -> bool:
 
 
 @pytest.fixture
-def deployment() -> Iterator[tuple[str, str]]:
+def deployment() -> Iterator[tuple[str, str, str]]:
     """A compose project of its own (project, network, volume and port); ``down -v`` afterwards."""
     if reason := docker_unavailable_reason():
         pytest.skip(reason)
@@ -61,6 +65,7 @@ def deployment() -> Iterator[tuple[str, str]]:
         "TOOLSERVER_NETWORK": f"tstest-{tag}-nodes",
         "TOOLSERVER_VOLUME": f"tstest-{tag}-data",
         "NODE_IMAGE": NODE_IMAGE,
+        "MANAGER_IMAGE": f"toolserver-manager:{NODE_IMAGE.rpartition(':')[2] or 'latest'}",
         "BASE_IMAGE": PULLABLE_BASE if _image_exists(PULLABLE_BASE) else DEBIAN_BASE,
     }
 
@@ -78,16 +83,21 @@ def deployment() -> Iterator[tuple[str, str]]:
         except AssertionError:
             logs = run("logs", "manager")
             raise AssertionError(f"manager not answering:\n{logs.stdout}\n{logs.stderr}") from None
-        yield url, manager_id
+        key = run("exec", "-T", "manager", "toolserver", "keys", "create", "compose-test", "--scope", "admin")
+        assert key.returncode == 0, f"keys create failed:\n{key.stdout}\n{key.stderr}"
+        yield url, manager_id, key.stdout.strip()
     finally:
         down = run("down", "-v", "--timeout", "30")
         assert down.returncode == 0, f"compose down failed:\n{down.stdout}\n{down.stderr}"
 
 
-def test_compose_deployment_serves_sessions_in_node_containers(deployment: tuple[str, str]) -> None:
-    url, manager_id = deployment
+def test_compose_deployment_serves_sessions_in_node_containers(deployment: tuple[str, str, str]) -> None:
+    url, manager_id, key = deployment
     label = f"{LABEL_MANAGER}={manager_id}"
-    with ToolServerClient(url) as client, client.session() as session:
+    with ToolServerClient(url) as anonymous, pytest.raises(ClientError) as refused:
+        anonymous.get_cookie()
+    assert refused.value.status_code == 401  # the deployment needs keys
+    with ToolServerClient(url, api_key=key) as client, client.session() as session:
         answer = session.execute_tool("shell_command_executor", {"command": "id -u; echo kept > note.txt"})
         assert answer["data"]["output"].split()[0] == "10001"  # the node runs unprivileged
         assert "note.txt" in json.dumps(session.get_workspace_structure())

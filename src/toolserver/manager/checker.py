@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -48,6 +48,8 @@ class TickReport:
     orphans: list[str] = field(default_factory=list)
     errors: int = 0
     seconds: float = 0.0
+    #: session events seen or caused: (node, kind, detail), kind "died", "closed" or "released"
+    events: list[tuple[ToolServerNode, str, str | None]] = field(default_factory=list)
 
 
 class NodeChecker:
@@ -70,6 +72,8 @@ class NodeChecker:
         self.manager_id = settings.manager_id
         self.pid = os.getpid()
         self._limit = asyncio.Semaphore(8)
+        #: awaited with the report of every tick the loop runs (metrics, session events)
+        self.on_tick: Callable[[TickReport], Awaitable[None]] | None = None
 
     # ---- one tick -----------------------------------------------------------------------------------
 
@@ -125,13 +129,17 @@ class NodeChecker:
                 seconds=cfg.creation_wait_seconds
             )
             if not starting:
-                log.info("checker: node %s no longer exists; deleting its record", node.short_id)
+                log.debug("checker: node %s no longer exists; deleting its record", node.short_id)
                 report.deleted.append(node.id)
                 actions.append(("cleanup", node))
+                if not node.pooled:
+                    report.events.append((node, "died", "the node no longer exists"))
             return
         fields: dict[str, Any] = {}
         if info.status != node.status:
-            log.info("checker: node %s status %s -> %s", node.short_id, node.status, info.status)
+            log.debug("checker: node %s status %s -> %s", node.short_id, node.status, info.status)
+            if info.status in STOPPED_STATUSES and node.status not in STOPPED_STATUSES and not node.pooled:
+                report.events.append((node, "died", info.detail or f"status {info.status}"))
             fields.update(status=info.status, status_changed_at=now, detail=info.detail)
             node.status_changed_at = now
         if info.health != node.health:
@@ -159,7 +167,7 @@ class NodeChecker:
         async with self._limit:
             try:
                 if kind == "stop":
-                    log.info("checker: stopping node %s, idle since %s", node.short_id, node.last_req_time)
+                    log.debug("checker: stopping node %s, idle since %s", node.short_id, node.last_req_time)
                     await self.runtime.stop(node.runtime_state, self.settings.node.stop_grace_seconds)
                     await self.store.update_node(
                         node.id,
@@ -169,14 +177,21 @@ class NodeChecker:
                         detail="stopped: idle",
                     )
                     report.stopped.append(node.id)
+                    idle = self.settings.node.idling_close_minutes
+                    report.events.append(
+                        (node, "closed", f"idle for {idle:g} min (node.idling_close_minutes)")
+                    )
                 elif kind == "release":
-                    log.info(
+                    log.debug(
                         "checker: releasing node %s, stopped since %s", node.short_id, node.status_changed_at
                     )
                     with contextlib.suppress(NodeNotFound):
                         await self.runtime.remove(node.runtime_state)
                     await self.store.delete_nodes([node.id])
                     report.released.append(node.id)
+                    if not node.pooled:
+                        since = node.status_changed_at.isoformat(timespec="seconds")
+                        report.events.append((node, "released", f"stopped since {since}Z"))
                 else:  # "cleanup": the record is already deleted; remove what the node left behind
                     with contextlib.suppress(NodeNotFound):
                         await self.runtime.remove(node.runtime_state)
@@ -234,26 +249,34 @@ class NodeChecker:
                 report = await self.tick()
                 if report.errors:
                     log.warning("checker: tick had %d errors", report.errors)
+                if self.on_tick is not None:
+                    await self.on_tick(report)
             except asyncio.CancelledError:
                 raise
             except DatabaseUnavailable as exc:
                 log.warning("checker: tick skipped (%s)", exc)
             except Exception:
                 log.exception("checker: tick failed")
+                if self.on_tick is not None:
+                    with contextlib.suppress(Exception):
+                        await self.on_tick(TickReport(errors=1))
             await asyncio.sleep(interval)
 
 
 def run_standalone(settings: Settings) -> int:
     """``toolserver checker``: the same loop, in its own process."""
+    from toolserver.logs import configure_logging
+    from toolserver.manager.events import SessionEvents, tick_observer
     from toolserver.manager.store import open_store
     from toolserver.runtimes import create_runtime
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging("info", settings.log_format)
 
     async def main() -> int:
         store = await open_store(settings.database_url)
         runtime = create_runtime(settings.runtime_config, settings.runtime_context())
         checker = NodeChecker(settings, store, runtime)
+        checker.on_tick = tick_observer(SessionEvents(store, lambda owner: owner or "-"))
         try:
             if not await checker.register():
                 log.error("a checker for manager %s is already running", settings.manager_id)

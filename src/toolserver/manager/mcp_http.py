@@ -45,12 +45,14 @@ from starlette.requests import Request
 from toolserver.errors import (
     CapacityExceeded,
     DatabaseUnavailable,
+    Draining,
     InvalidSession,
     NodeStartError,
     NodeUnavailable,
     RuntimeBackendError,
 )
 from toolserver.manager.activity import ActivityBuffer
+from toolserver.manager.auth import ANONYMOUS, SCOPE_KEY, Caller
 from toolserver.manager.models import STOPPED_STATUSES
 from toolserver.manager.proxy import NodeProxy, send_json
 from toolserver.manager.sessions import SessionService
@@ -87,10 +89,16 @@ class NodeSandbox(Sandbox):
     """A session's node, called directly with the proxy's client, route and secret."""
 
     def __init__(
-        self, node_id: str, sessions: SessionService, proxy: NodeProxy, activity: ActivityBuffer
+        self,
+        node_id: str,
+        sessions: SessionService,
+        proxy: NodeProxy,
+        activity: ActivityBuffer,
+        caller: Caller = ANONYMOUS,
     ) -> None:
         super().__init__()
         self.node_id = node_id
+        self.caller = caller
         self.sessions = sessions
         self.proxy = proxy
         self.activity = activity
@@ -121,13 +129,14 @@ class NodeSandbox(Sandbox):
         route = await self.sessions.route(self.node_id)
         if route.status in STOPPED_STATUSES:
             log.info("node %s restarts for its MCP session", route.short_id)
-            await self.sessions.reconnect(self.node_id)
+            await self.sessions.reconnect(self.node_id, self.caller)
 
 
 @dataclass
 class _Binding:
     node_id: str
     sandbox: NodeSandbox
+    caller: Caller  # who opened the session: only that key (or an admin key) may use it
     inflight: int = 0
     last_seen: float = field(default_factory=time.monotonic)
 
@@ -186,11 +195,11 @@ class McpEndpoint:
         await self._stack.aclose()
         sem = asyncio.Semaphore(8)
 
-        async def one(node_id: str) -> None:
+        async def one(binding: _Binding) -> None:
             async with sem:
-                await self._release(node_id)
+                await self._release(binding.node_id, binding.caller)
 
-        await asyncio.gather(*(one(b.node_id) for b in bindings))
+        await asyncio.gather(*(one(b) for b in bindings))
 
     # ---- the handlers' side ------------------------------------------------------------------------
 
@@ -220,6 +229,9 @@ class McpEndpoint:
         binding = self._bindings.get(sid)
         if binding is None:  # unknown or ended: the SDK answers 404
             return await self.sdk.handle_request(scope, receive, send)
+        caller: Caller = scope.get(SCOPE_KEY, ANONYMOUS)
+        if not caller.may_act_on(binding.caller.key_id):  # another key's session: as if there were none
+            return await send_json(send, 404, _rpc_error(None, INVALID_REQUEST, "Session not found"))
         binding.inflight += 1
         try:
             status, _ = await _serve(self.sdk.handle_request, scope, receive, send)
@@ -243,13 +255,17 @@ class McpEndpoint:
         refusal = await self._security.validate_request(Request(scope), is_post=True)
         if refusal is not None:
             return await refusal(scope, replay, send)
+        caller: Caller = scope.get(SCOPE_KEY, ANONYMOUS)
         retry = [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())]
         try:
-            node = await self.sessions.create()
-        except CapacityExceeded as exc:
-            return await send_json(send, 429, _rpc_error(request_id, INTERNAL_ERROR, str(exc)), retry)
+            node = await self.sessions.create(caller)
+        except CapacityExceeded as exc:  # node.max_nodes, or the key's quota
+            later = [(b"retry-after", str(exc.retry_after).encode())]
+            return await send_json(send, 429, _rpc_error(request_id, INTERNAL_ERROR, str(exc)), later)
         except DatabaseUnavailable as exc:
             return await send_json(send, 503, _rpc_error(request_id, INTERNAL_ERROR, str(exc)), retry)
+        except Draining as exc:
+            return await send_json(send, 503, _rpc_error(request_id, INTERNAL_ERROR, str(exc)))
         except (NodeStartError, RuntimeBackendError) as exc:
             message = f"no sandbox for this session: {exc}"
             return await send_json(send, 503, _rpc_error(request_id, INTERNAL_ERROR, message))
@@ -258,11 +274,11 @@ class McpEndpoint:
             status, sid = await _serve(self.sdk.handle_request, scope, replay, send)
         finally:
             if sid is not None and status is not None and status < 400:
-                sandbox = NodeSandbox(node.id, self.sessions, self.proxy, self.activity)
-                self._bindings[sid] = _Binding(node.id, sandbox)
+                sandbox = NodeSandbox(node.id, self.sessions, self.proxy, self.activity, caller)
+                self._bindings[sid] = _Binding(node.id, sandbox, caller)
                 log.info("MCP session %s… opened on node %s", sid[:8], node.short_id)
             else:
-                await asyncio.shield(self._release(node.id))
+                await asyncio.shield(self._release(node.id, caller))
 
     async def _end(self, sid: str, why: str, *, delete: bool = False) -> None:
         binding = self._bindings.pop(sid, None)
@@ -271,7 +287,7 @@ class McpEndpoint:
         log.info("MCP session %s… ended (%s)", sid[:8], why)
         if delete:
             await self._delete(sid)
-        await self._release(binding.node_id)
+        await self._release(binding.node_id, binding.caller)
 
     async def _delete(self, sid: str) -> None:
         """End the SDK's session the way a client would: a DELETE with its id."""
@@ -301,9 +317,9 @@ class McpEndpoint:
         except Exception:
             log.exception("could not end MCP session %s…", sid[:8])
 
-    async def _release(self, node_id: str) -> None:
+    async def _release(self, node_id: str, caller: Caller = ANONYMOUS) -> None:
         try:
-            await self.sessions.release(node_id)
+            await self.sessions.release(node_id, caller)
         except InvalidSession:
             pass  # released already (by the checker, say)
         except Exception:

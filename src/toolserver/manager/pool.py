@@ -75,5 +75,5 @@ class WarmPool:
         if release:
             nodes = await self.store.list_nodes(self.sessions.manager_id)
             await asyncio.gather(
-                *(self.sessions.release(n.id) for n in nodes if n.pooled), return_exceptions=True
+                *(self.sessions.release_node(n) for n in nodes if n.pooled), return_exceptions=True
             )

@@ -3,16 +3,19 @@
 Forwarded paths never enter the web framework: the proxy reads the ``node_id`` cookie, finds the
 node's route (cached, see :meth:`SessionService.route`), and streams the request body to the node
 and the node's answer back through one pooled aiohttp client. Nothing is buffered: a 1 GiB upload
-or download passes through in chunks. Hop-by-hop headers and the manager's own cookie are not
-forwarded; the node's secret is added. A client that sends ``X-ToolServer-Cancel-On-Disconnect``
-(with a body of at most 64 KiB, a tool call say) has its request to the node closed when it goes
-away before the answer, and the node then stops the tool.
+or download passes through in chunks. Hop-by-hop headers, the caller's API key and the manager's
+own cookie are not forwarded (the node is the agent's: nothing that grants access goes there);
+the node's secret is added. The caller (authenticated in front, see :mod:`toolserver.manager.auth`)
+must own the session or hold an admin key. A client that sends
+``X-ToolServer-Cancel-On-Disconnect`` (with a body of at most 64 KiB, a tool call say) has its
+request to the node closed when it goes away before the answer, and the node then stops the tool.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -22,6 +25,8 @@ from multidict import CIMultiDict
 from toolserver.disconnect import unless_disconnected
 from toolserver.errors import DatabaseUnavailable, InvalidSession, ToolCancelled
 from toolserver.manager.activity import ActivityBuffer
+from toolserver.manager.auth import ANONYMOUS, SCOPE_KEY, Caller
+from toolserver.manager.metrics import Metrics
 from toolserver.manager.sessions import SessionService
 from toolserver.protocol import CANCEL_ON_DISCONNECT_HEADER, COOKIE_NAME, RETRY_AFTER_SECONDS, SECRET_HEADER
 from toolserver.runtimes.base import RUNNING
@@ -49,6 +54,10 @@ HOP_BY_HOP = frozenset(
         _CANCEL_ON_DISCONNECT,
     }
 )
+#: Request headers that never reach a node: hop-by-hop ones and the caller's credentials.
+NOT_FORWARDED = HOP_BY_HOP | {b"authorization", b"x-api-key"}
+#: Answer headers the proxy drops: hop-by-hop ones and ``date``, which the manager's server sets.
+NOT_RETURNED = HOP_BY_HOP | {b"date"}
 CHUNK = 256 * 1024
 SMALL_BODY = 64 * 1024
 _COOKIE_PREFIX = COOKIE_NAME + "="
@@ -86,11 +95,17 @@ class NodeProxy:
     """Forwards one request to the session's node through a pooled aiohttp client."""
 
     def __init__(
-        self, sessions: SessionService, activity: ActivityBuffer, timeout: float, max_connections: int = 512
+        self,
+        sessions: SessionService,
+        activity: ActivityBuffer,
+        timeout: float,
+        max_connections: int = 512,
+        metrics: Metrics | None = None,
     ) -> None:
         self.sessions = sessions
         self.activity = activity
         self.timeout = timeout
+        self.metrics = metrics or sessions.metrics
         self.client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, ttl_dns_cache=None),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=timeout),
@@ -103,13 +118,14 @@ class NodeProxy:
         await self.client.close()
 
     async def forward(self, scope: Scope, receive: Any, send: Any) -> None:
+        started = time.perf_counter()
         headers: CIMultiDict[str] = CIMultiDict()
         node_id = None
         chunked = cancellable = False
         length = 0
         for raw_name, raw_value in scope["headers"]:
             name = raw_name.lower()
-            if name in HOP_BY_HOP:
+            if name in NOT_FORWARDED:
                 chunked = chunked or name == b"transfer-encoding"
                 cancellable = cancellable or name == _CANCEL_ON_DISCONNECT
                 continue
@@ -128,6 +144,9 @@ class NodeProxy:
         except DatabaseUnavailable as exc:
             retry = [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())]
             return await send_json(send, 503, {"detail": str(exc)}, retry)
+        caller: Caller = scope.get(SCOPE_KEY, ANONYMOUS)
+        if not caller.may_act_on(route.owner):
+            return await send_json(send, 403, {"detail": "this session belongs to another API key"})
         if route.status != RUNNING:
             return await send_json(
                 send, 503, {"detail": f"node is not running: {route.short_id} ({route.status})"}
@@ -139,12 +158,15 @@ class NodeProxy:
         url = f"http://{route.host}:{route.port}{scope['path']}"
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
+        path = scope["path"]
+        sent = [0]
         try:
             streamed = chunked or length > SMALL_BODY
             if streamed:
-                data: Any = _body(receive)  # streamed, never held in memory
+                data: Any = _body(receive, sent)  # streamed, never held in memory
             else:  # a small body goes out in one write with the request head
                 data = await _read_all(receive) if length else None
+                sent[0] = len(data) if data else 0
             request = self.client.request(
                 scope["method"], url, headers=headers, data=data, allow_redirects=False
             )
@@ -155,38 +177,55 @@ class NodeProxy:
         except (ConnectionResetError, ToolCancelled):  # the client went away
             return None
         except TimeoutError:
-            log.warning("node %s timed out on %s", route.short_id, scope["path"])
+            log.warning("node %s timed out on %s", route.short_id, path)
+            self.metrics.runtime_errors.labels("node_timeout").inc()
+            self.metrics.proxied(path, 504, time.perf_counter() - started, sent[0], 0)
             detail = f"node did not answer within {self.timeout:g} s (node.request_timeout_seconds)"
             return await send_json(send, 504, {"detail": detail})
         except aiohttp.ClientError as exc:
             log.warning("node %s is not responding: %s", route.short_id, exc)
+            self.metrics.runtime_errors.labels("node_not_responding").inc()
+            self.metrics.proxied(path, 503, time.perf_counter() - started, sent[0], 0)
             self.sessions.forget_route(route.node_id)
             return await send_json(send, 503, {"detail": "node is not responding"})
+        seconds = time.perf_counter() - started  # the node's answer has started
+        received = 0
+        answering = False
         try:
-            out = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in HOP_BY_HOP]
+            out = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in NOT_RETURNED]
             small = resp.content_length is not None and resp.content_length <= SMALL_BODY
             body = await resp.read() if small else b""  # a small answer goes back in one message
+            answering = True
             await send({"type": "http.response.start", "status": resp.status, "headers": out})
             if small:
+                received = len(body)
                 return await send({"type": "http.response.body", "body": body})
             async for chunk in resp.content.iter_chunked(CHUNK):
+                received += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
         except (aiohttp.ClientError, TimeoutError) as exc:
-            # the answer is already under way: the server closes the connection, the client sees it cut
-            log.warning("node %s broke off its answer: %s", route.short_id, exc)
-            raise
+            # the answer is already under way: returning without finishing it makes the server close
+            # the connection, so the client sees it cut (no traceback: the node's failure, not ours)
+            reason = str(exc) or type(exc).__name__
+            log.warning("node %s broke off its answer on %s: %s", route.short_id, path, reason)
+            self.metrics.runtime_errors.labels("node_broke_off").inc()
+            if not answering:
+                await send_json(send, 503, {"detail": "node broke off its answer; retry the request"})
         finally:
             resp.release()
+            self.metrics.proxied(path, resp.status, seconds, sent[0], received)
 
 
-async def _body(receive: Any) -> AsyncIterator[bytes]:
+async def _body(receive: Any, sent: list[int] | None = None) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ConnectionResetError("client disconnected during upload")
         chunk = message.get("body", b"")
         if chunk:
+            if sent is not None:
+                sent[0] += len(chunk)
             yield chunk
         if not message.get("more_body", False):
             return

@@ -1,30 +1,33 @@
-"""Running the manager under uvicorn."""
+"""Running the manager under uvicorn, with the request limits of :mod:`toolserver.manager.limits`."""
 
 from __future__ import annotations
 
-import logging
+import functools
 
 import uvicorn
 
+from toolserver.logs import configure_logging
 from toolserver.manager.app import create_app
+from toolserver.manager.limits import LimitedHttpToolsProtocol
 from toolserver.manager.settings import Settings
 
 
 def uvicorn_config(settings: Settings, log_level: str = "info") -> uvicorn.Config:
+    limits = settings.limits
     return uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_level=log_level,
+        log_config=configure_logging(log_level, settings.log_format),
+        http=functools.partial(LimitedHttpToolsProtocol, limits=limits),  # type: ignore[arg-type]
+        ws="none",
         server_header=False,
         proxy_headers=False,
-        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_keep_alive=limits.keep_alive_seconds,  # type: ignore[arg-type]  # a float works
         timeout_graceful_shutdown=10,
     )
 
 
 def serve_manager(settings: Settings, log_level: str = "info") -> None:
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # alembic announces each of its plugins at INFO on every start; the migrations it runs stay visible
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     uvicorn.Server(uvicorn_config(settings, log_level)).run()

@@ -14,6 +14,7 @@ when it has not, as the process runtime always ignored them.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 from pathlib import Path
@@ -76,6 +77,25 @@ class NodeSettings(_Strict):
     resources: ResourceLimits = Field(default_factory=ResourceLimits)
 
 
+class Quotas(_Strict):
+    """Default quotas of an API key that has none of its own (``null``: no limit)."""
+
+    max_sessions: int | None = Field(16, ge=1, description="live sessions per key")
+    starts_per_minute: int | None = Field(60, ge=1, description="new sessions per key per minute")
+
+
+class RequestLimits(_Strict):
+    """What one HTTP request may cost the manager before it is refused (enforced by the server)."""
+
+    header_bytes: int = Field(16 * 1024, ge=1024, description="request line plus headers (431 beyond)")
+    headers: int = Field(100, ge=8, description="number of header fields (431 beyond)")
+    request_line_bytes: int = Field(8 * 1024, ge=256, description="method, target and version (414 beyond)")
+    head_timeout_seconds: float = Field(10, gt=0, description="whole request head, from its first byte")
+    idle_timeout_seconds: float = Field(60, gt=0, description="no byte of an unfinished request (408)")
+    keep_alive_seconds: float = Field(5, gt=0, description="idle connection between requests")
+    body_bytes: int = Field(64 * 1024, ge=1024, description="body of the session and admin routes (413)")
+
+
 class McpSettings(_Strict):
     """The manager's MCP endpoint, ``/mcp`` (Streamable HTTP; one node per MCP session)."""
 
@@ -121,7 +141,13 @@ class Settings(EnvOverYamlSettings):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     manager_id: str = ""
-    max_header_bytes: int = Field(16 * 1024, ge=1024)
+    auth: Literal["none", "api_keys"] = "none"
+    allow_unauthenticated_network: bool = False
+    key_cache_seconds: float = Field(5, gt=0, le=300, description="how long a checked API key is trusted")
+    quotas: Quotas = Field(default_factory=Quotas)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+    metrics_listen: str | None = Field(None, description="host:port serving /metrics without a key")
+    log_format: Literal["text", "json"] = "text"
     node: NodeSettings = Field(default_factory=NodeSettings)
     mcp: McpSettings = Field(default_factory=McpSettings)
     redirect_to_node_path: RedirectPaths = Field(default_factory=RedirectPaths)
@@ -148,6 +174,18 @@ class Settings(EnvOverYamlSettings):
     def _default_manager_id(self) -> Settings:
         if not self.manager_id:
             object.__setattr__(self, "manager_id", f"{socket.gethostname()}-{self.port}")
+        return self
+
+    @model_validator(mode="after")
+    def _keys_off_loopback(self) -> Settings:
+        if self.auth == "none" and not is_loopback(self.host) and not self.allow_unauthenticated_network:
+            raise ValueError(
+                f"host {self.host!r} is reachable from the network but auth is 'none': set auth: api_keys "
+                "(and create a key with `toolserver keys create`), or set allow_unauthenticated_network: "
+                "true to let anyone who reaches the port use the manager"
+            )
+        if self.metrics_listen is not None:
+            metrics_address(self.metrics_listen)
         return self
 
     @property
@@ -236,6 +274,24 @@ def _place_runtime_config(data: dict[str, Any]) -> tuple[dict[str, Any], tuple[s
     if node is not None:
         out["node"] = node
     return out, tuple(ignored)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or ``localhost``) binds to the loopback interface only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def metrics_address(value: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:9100`` for IPv6) as a pair; ValueError naming the expected form."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"metrics_listen must be host:port, e.g. 127.0.0.1:9100 (got {value!r})")
+    return host.strip("[]"), int(port)
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

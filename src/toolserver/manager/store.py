@@ -9,6 +9,7 @@ import os
 import socket
 from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,15 @@ from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, ProgrammingErr
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from toolserver.errors import DatabaseUnavailable
-from toolserver.manager.models import STOPPED_STATUSES, NodeChecker, ToolServerNode, utcnow
+from toolserver.manager.models import (
+    START_EVENTS,
+    STOPPED_STATUSES,
+    ApiKey,
+    NodeChecker,
+    SessionEvent,
+    ToolServerNode,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +72,40 @@ def _live_count(manager_id: str) -> Select[tuple[int]]:
         .select_from(ToolServerNode)
         .where(ToolServerNode.manager_id == manager_id, ToolServerNode.status.not_in(STOPPED_STATUSES))
     )
+
+
+def _owned_live_count(owner: str) -> Select[tuple[int]]:
+    """How many sessions of API key ``owner`` are not stopped, in every manager (``max_sessions``)."""
+    return (
+        select(func.count())
+        .select_from(ToolServerNode)
+        .where(ToolServerNode.owner == owner, ToolServerNode.status.not_in(STOPPED_STATUSES))
+    )
+
+
+#: The window of the ``starts_per_minute`` quota.
+START_WINDOW = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class KeyQuota:
+    """The quotas that hold for one API key; None means no limit."""
+
+    key_id: str
+    max_sessions: int | None
+    starts_per_minute: int | None
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What a new session's check saw, taken under the lock of its insert or claim."""
+
+    admitted: bool
+    live: int = 0  # live nodes of the manager (node.max_nodes)
+    owned: int = 0  # live sessions of the key (max_sessions)
+    starts: int = 0  # sessions the key started within START_WINDOW (starts_per_minute)
+    oldest_start: datetime | None = None  # the first of those starts
+    refused_by: str | None = None  # "max_nodes", "max_sessions" or "starts_per_minute"
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -144,22 +187,57 @@ class Store:
             return int(await s.scalar(_live_count(manager_id)) or 0)
 
     async def add_node_within(self, node: ToolServerNode, limit: int) -> int:
-        """Insert ``node`` unless its manager already has ``limit`` live nodes; returns that count.
+        """Insert ``node`` unless its manager already has ``limit`` live nodes; returns that count."""
+        return (await self.admit_node(node, limit)).live
 
-        Atomic across the processes sharing the database: the count and the insert run under the
-        database's write lock on SQLite (``BEGIN IMMEDIATE``) and under a transaction-scoped
-        advisory lock on the manager id on PostgreSQL.
+    async def _lock(self, s: AsyncSession, *names: str) -> None:
+        """Serialise writers for the rest of the transaction: SQLite's write lock (``BEGIN
+        IMMEDIATE``), or transaction-scoped advisory locks on ``names`` (in this order) on PostgreSQL."""
+        backend = self.url.get_backend_name()
+        if backend == "sqlite":
+            await s.execute(text("BEGIN IMMEDIATE"))
+        elif backend == "postgresql":
+            for name in names:
+                await s.execute(select(func.pg_advisory_xact_lock(func.hashtext(name))))
+
+    async def _key_usage(self, s: AsyncSession, quota: KeyQuota) -> dict[str, Any]:
+        owned = int(await s.scalar(_owned_live_count(quota.key_id)) or 0)
+        since = utcnow() - START_WINDOW
+        starts, oldest = (
+            await s.execute(
+                select(func.count(), func.min(SessionEvent.at)).where(
+                    SessionEvent.owner == quota.key_id,
+                    SessionEvent.kind.in_(START_EVENTS),
+                    SessionEvent.at > since,
+                )
+            )
+        ).one()
+        refused = None
+        if quota.max_sessions is not None and owned >= quota.max_sessions:
+            refused = "max_sessions"
+        elif quota.starts_per_minute is not None and starts >= quota.starts_per_minute:
+            refused = "starts_per_minute"
+        return {"owned": owned, "starts": int(starts or 0), "oldest_start": oldest, "refused_by": refused}
+
+    async def admit_node(self, node: ToolServerNode, limit: int, quota: KeyQuota | None = None) -> Admission:
+        """Insert ``node`` (and its ``created`` event) unless its manager has ``limit`` live nodes
+        or ``quota``'s key is at one of its quotas.
+
+        Atomic across the processes sharing the database: the counts and the insert run under the
+        database's write lock on SQLite (``BEGIN IMMEDIATE``) and under transaction-scoped
+        advisory locks on the manager id, then the key, on PostgreSQL.
         """
         async with self._write() as s:
-            backend = self.url.get_backend_name()
-            if backend == "sqlite":
-                await s.execute(text("BEGIN IMMEDIATE"))
-            elif backend == "postgresql":
-                await s.execute(select(func.pg_advisory_xact_lock(func.hashtext(node.manager_id))))
+            names = [node.manager_id] + ([f"key:{quota.key_id}"] if quota else [])
+            await self._lock(s, *names)
             live = int(await s.scalar(_live_count(node.manager_id)) or 0)
-            if live < limit:
+            usage = await self._key_usage(s, quota) if quota else {}
+            refused = "max_nodes" if live >= limit else usage.get("refused_by")
+            if refused is None:
                 s.add(node)
-            return live
+                if not node.pooled:
+                    s.add(SessionEvent(short_id=node.short_id, owner=node.owner, kind="created", at=utcnow()))
+            return Admission(refused is None, live, **{**usage, "refused_by": refused})
 
     async def count_pooled(self, manager_id: str) -> int:
         async with self._read() as s:
@@ -170,12 +248,21 @@ class Store:
             )
             return int(await s.scalar(q) or 0)
 
-    async def claim_pooled(self, manager_id: str, health: str | None) -> ToolServerNode | None:
-        """Take one ready pool node for a session; atomic across processes sharing the database.
+    async def claim_pooled(
+        self,
+        manager_id: str,
+        health: str | None,
+        *,
+        owner: str | None = None,
+        labels: dict[str, str] | None = None,
+        quota: KeyQuota | None = None,
+    ) -> tuple[ToolServerNode | None, Admission]:
+        """Take one ready pool node for a session of ``owner``; atomic across processes sharing the database.
 
         A node qualifies when running and, if ``health`` is given, with that health. One
         ``UPDATE … WHERE id = (SELECT … FOR UPDATE SKIP LOCKED) AND pooled RETURNING`` statement:
-        PostgreSQL hands concurrent claimers different rows, SQLite serialises writers.
+        PostgreSQL hands concurrent claimers different rows, SQLite serialises writers. With a
+        ``quota`` the key's usage is checked first, under the key's lock (as in :meth:`admit_node`).
         """
         pick = select(ToolServerNode.id).where(
             ToolServerNode.manager_id == manager_id,
@@ -188,11 +275,20 @@ class Store:
         claim = (
             update(ToolServerNode)
             .where(ToolServerNode.id == pick, ToolServerNode.pooled.is_(True))
-            .values(pooled=False, last_req_time=utcnow())
+            .values(pooled=False, last_req_time=utcnow(), owner=owner, labels=labels or {})
             .returning(ToolServerNode)
         )
         async with self._write() as s:
-            return (await s.scalars(claim)).one_or_none()
+            usage: dict[str, Any] = {}
+            if quota is not None:
+                await self._lock(s, f"key:{quota.key_id}")
+                usage = await self._key_usage(s, quota)
+                if usage["refused_by"]:
+                    return None, Admission(False, **usage)
+            node = (await s.scalars(claim)).one_or_none()
+            if node is not None:
+                s.add(SessionEvent(short_id=node.short_id, owner=owner, kind="claimed", at=utcnow()))
+            return node, Admission(True, **usage)
 
     async def update_node(self, node_id: str, **fields: Any) -> None:
         await self.update_nodes({node_id: fields})
@@ -217,6 +313,68 @@ class Store:
         if ids:
             async with self._write() as s:
                 await s.execute(delete(ToolServerNode).where(ToolServerNode.id.in_(ids)))
+
+    async def get_node_by_short_id(self, short_id: str) -> ToolServerNode | None:
+        async with self._read() as s:
+            return (
+                await s.scalars(select(ToolServerNode).where(ToolServerNode.short_id == short_id))
+            ).one_or_none()
+
+    async def count_live_owned(self, owner: str) -> int:
+        """Live sessions of API key ``owner`` (in every manager sharing the database)."""
+        async with self._read() as s:
+            return int(await s.scalar(_owned_live_count(owner)) or 0)
+
+    async def session_counts(self, manager_id: str) -> list[tuple[str | None, str, bool, int]]:
+        """``(owner, status, pooled, count)`` for the nodes of ``manager_id``."""
+        q = (
+            select(ToolServerNode.owner, ToolServerNode.status, ToolServerNode.pooled, func.count())
+            .where(ToolServerNode.manager_id == manager_id)
+            .group_by(ToolServerNode.owner, ToolServerNode.status, ToolServerNode.pooled)
+        )
+        async with self._read() as s:
+            return [(o, st, bool(p), int(n)) for o, st, p, n in (await s.execute(q)).all()]
+
+    # ---- session events -----------------------------------------------------------------------------
+
+    async def add_events(self, events: Iterable[SessionEvent]) -> None:
+        rows = list(events)
+        if rows:
+            async with self._write() as s:
+                s.add_all(rows)
+
+    async def recent_events(self, short_id: str, limit: int = 50) -> list[SessionEvent]:
+        """The newest ``limit`` events of a session, oldest first."""
+        q = (
+            select(SessionEvent)
+            .where(SessionEvent.short_id == short_id)
+            .order_by(SessionEvent.at.desc(), SessionEvent.id.desc())
+            .limit(limit)
+        )
+        async with self._read() as s:
+            return list(reversed(list(await s.scalars(q))))
+
+    async def prune_events(self, before: datetime) -> None:
+        async with self._write() as s:
+            await s.execute(delete(SessionEvent).where(SessionEvent.at < before))
+
+    # ---- API keys -----------------------------------------------------------------------------------
+
+    async def add_key(self, key: ApiKey) -> None:
+        async with self._write() as s:
+            s.add(key)
+
+    async def get_key(self, key_id: str) -> ApiKey | None:
+        async with self._read() as s:
+            return await s.get(ApiKey, key_id)
+
+    async def list_keys(self) -> list[ApiKey]:
+        async with self._read() as s:
+            return list(await s.scalars(select(ApiKey).order_by(ApiKey.created_at)))
+
+    async def update_key(self, key_id: str, **fields: Any) -> None:
+        async with self._write() as s:
+            await s.execute(update(ApiKey).where(ApiKey.id == key_id).values(**fields))
 
     # ---- checkers -----------------------------------------------------------------------------------
 
@@ -285,4 +443,4 @@ async def open_store(url: str) -> Store:
     return store
 
 
-__all__ = ["Store", "open_store", "pid_alive"]
+__all__ = ["Admission", "KeyQuota", "Store", "open_store", "pid_alive"]

@@ -71,10 +71,16 @@ class ClientSandbox(Sandbox):
 
 
 async def serve(
-    url: str, session_id: str | None = None, resource_max_bytes: int = DEFAULT_RESOURCE_MAX_BYTES
+    url: str,
+    session_id: str | None = None,
+    resource_max_bytes: int = DEFAULT_RESOURCE_MAX_BYTES,
+    api_key: str | None = None,
 ) -> int:
-    """Serve MCP on stdin/stdout until the client closes it; 1 when no session could be had."""
-    async with AsyncToolServerClient(url) as client:
+    """Serve MCP on stdin/stdout until the client closes it; 1 when no session could be had.
+
+    ``api_key`` (default ``$TOOLSERVER_API_KEY``) is the key the manager knows this client by.
+    """
+    async with AsyncToolServerClient(url, api_key=api_key) as client:
         try:
             if session_id is not None:
                 session = client.attach(session_id)
@@ -101,11 +107,16 @@ async def serve(
     return 0
 
 
-def run(url: str, session_id: str | None = None, resource_max_bytes: int = DEFAULT_RESOURCE_MAX_BYTES) -> int:
+def run(
+    url: str,
+    session_id: str | None = None,
+    resource_max_bytes: int = DEFAULT_RESOURCE_MAX_BYTES,
+    api_key: str | None = None,
+) -> int:
     logging.basicConfig(
         stream=sys.stderr, level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        return anyio.run(serve, url, session_id, resource_max_bytes)
+        return anyio.run(serve, url, session_id, resource_max_bytes, api_key)
     except KeyboardInterrupt:
         return 0

@@ -4,6 +4,8 @@ Starlette rather than FastAPI: importing FastAPI alone takes ~0.45 s on a small 
 start time is what every cold session waits for. Request bodies are validated with the pydantic
 models of :mod:`toolserver.protocol`.
 
+The OpenAPI document is served at ``GET /openapi.json`` (see :mod:`toolserver.node.openapi`).
+
 Statuses: 400 bad request or path outside the workspace, 401 missing/wrong node secret, 403
 registration disabled, 404 unknown tool (or file), 413 body too large, 422 invalid arguments,
 450 output not ready / timed out (JSON body with ``detail`` and partial output), 499 the client
@@ -16,7 +18,7 @@ import functools
 import gc
 import json
 import logging
-import mimetypes
+import re
 import secrets
 import shutil
 import tempfile
@@ -39,7 +41,13 @@ from toolserver import __version__, protocol
 from toolserver.disconnect import unless_disconnected
 from toolserver.errors import OutputNotReady, ToolArgumentError, ToolError
 from toolserver.node.context import NodeContext
-from toolserver.node.files import build_workspace_zip, receive_upload, workspace_tree
+from toolserver.node.files import (
+    build_workspace_zip,
+    open_file_response,
+    open_regular_file,
+    receive_upload,
+    workspace_tree,
+)
 from toolserver.node.registered import load_registered_tools, register_tool
 from toolserver.node.registry import Registry
 from toolserver.node.results import dumps, to_jsonable, wrap_result
@@ -115,6 +123,45 @@ def _endpoint(func: Handler) -> Handler:
     return wrapper
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number (send a finite number)")
+
+
+#: A JSON escape of a UTF-16 surrogate (\\uD800 to \\uDFFF), which may leave one unpaired.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _unpaired_surrogate(value: Any) -> str | None:
+    """The first string in ``value`` (keys included) that is not valid Unicode, else None."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def strict_json(text: str | bytes) -> Any:
+    """``json.loads`` without NaN and Infinity, and without unpaired surrogates in any string.
+
+    Python's json accepts both; neither is valid input for a tool (a NaN timeout, a path that no
+    file system can encode), so they are refused here, before any tool sees them.
+    """
+    data = json.loads(text, parse_constant=_no_constant)
+    raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    if _SURROGATE_ESCAPE.search(raw) and (bad := _unpaired_surrogate(data)) is not None:
+        raise ValueError(f"the string {bad[:40]!r} holds an unpaired UTF-16 surrogate: send valid Unicode")
+    return data
+
+
 async def _read_json(request: Request, limit: int) -> dict[str, Any]:
     """The request's JSON object; an empty body counts as ``{}``."""
     declared = request.headers.get("content-length", "")
@@ -130,7 +177,7 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
     if not body.strip():
         return {}
     try:
-        data = json.loads(body) if len(body) < 1 << 20 else await anyio.to_thread.run_sync(json.loads, body)
+        data = strict_json(body) if len(body) < 1 << 20 else await anyio.to_thread.run_sync(strict_json, body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise HTTPException(400, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -197,6 +244,11 @@ def create_app(config: NodeConfig) -> Starlette:
     async def health(request: Request) -> Response:
         return JSONBody({"status": "ok"})
 
+    async def openapi(request: Request) -> Response:
+        from toolserver.node.openapi import node_openapi
+
+        return JSONBody(node_openapi(registry))
+
     async def get_available_tools(request: Request) -> Response:
         visible = registry.visible()
         return JSONBody(
@@ -232,7 +284,7 @@ def create_app(config: NodeConfig) -> Starlette:
         arguments = req.arguments
         if isinstance(arguments, str):
             try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
+                arguments = strict_json(arguments) if arguments.strip() else {}
             except ValueError as exc:
                 raise ToolArgumentError(f"'arguments' is a string but not valid JSON: {exc}") from None
             if not isinstance(arguments, dict):
@@ -257,12 +309,17 @@ def create_app(config: NodeConfig) -> Starlette:
     async def download_file(request: Request) -> Response:
         req = _parse(protocol.DownloadFileRequest, await _read_json(request, limit))
         path = ctx.resolve(req.file_path)
-        if not path.exists():
-            raise HTTPException(404, f"file {req.file_path!r} not found in the workspace")
-        if not path.is_file():
-            raise HTTPException(400, f"{req.file_path!r} is not a file")
-        media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        return FileResponse(path, filename=path.name, media_type=media)
+        # opened here, before the answer starts: a file removed or replaced meanwhile is still
+        # served whole from the open handle, and a missing one is a 404, never a broken answer
+        try:
+            handle, size = await anyio.to_thread.run_sync(open_regular_file, path)
+        except FileNotFoundError:
+            raise HTTPException(404, f"file {req.file_path!r} not found in the workspace") from None
+        except IsADirectoryError:
+            raise HTTPException(400, f"{req.file_path!r} is not a file") from None
+        except OSError as exc:
+            raise HTTPException(400, f"cannot read {req.file_path!r}: {exc.strerror or exc}") from None
+        return open_file_response(handle, size, path.name)
 
     async def download_workspace(request: Request) -> Response:
         archive = await anyio.to_thread.run_sync(build_workspace_zip, ctx)
@@ -293,6 +350,7 @@ def create_app(config: NodeConfig) -> Starlette:
     routes = [
         Route("/", _endpoint(greeting), methods=["GET", "POST"]),
         Route("/health", _endpoint(health), methods=["GET"]),
+        Route("/openapi.json", _endpoint(openapi), methods=["GET"]),
         Route("/get_available_tools", _endpoint(get_available_tools), methods=post),
         Route("/get_json_schema_for_tools", _endpoint(schema_for_tools), methods=post),
         Route("/get_json_schema_for_envs", _endpoint(schema_for_envs), methods=post),

@@ -31,6 +31,12 @@ def resolve_in_workspace(workspace: Path, raw: str) -> Path:
         raise WorkspacePathError(f"path must be a string, got {type(raw).__name__}")
     if "\x00" in raw:
         raise WorkspacePathError(f"path {raw!r} contains a NUL byte, which no workspace path may hold")
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WorkspacePathError(
+            f"path {raw!r} is not valid Unicode (an unpaired surrogate): no file can have that name"
+        ) from None
     text = raw.strip().replace("\\", "/")
     if text.startswith("~"):
         raise WorkspacePathError(

@@ -8,18 +8,24 @@ workspace) and streamed from there.
 
 from __future__ import annotations
 
+import mimetypes
 import os
+import stat
 import uuid
 import zipfile
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+from urllib.parse import quote
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
 
 from toolserver.node.context import NodeContext
 
 UPLOAD_PREFIX = ".toolserver-upload-"
+DOWNLOAD_CHUNK = 256 * 1024
 _FIELD_MAX = 4096
 _MULTIPART_SLACK = 1 << 20  # headers and boundaries around the file's bytes
 _FORBIDDEN_CHARS = set('<>:"|?*')
@@ -270,3 +276,41 @@ def workspace_tree(ctx: NodeContext) -> dict[str, Any]:
     if truncated[0]:
         tree["truncated"] = True
     return tree
+
+
+def open_regular_file(path: Path) -> tuple[BinaryIO, int]:
+    """``path`` opened for reading, with its size; IsADirectoryError for anything but a regular file."""
+    handle = path.open("rb")
+    try:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise IsADirectoryError(f"{path} is not a regular file")
+    except BaseException:
+        handle.close()
+        raise
+    return handle, info.st_size
+
+
+def open_file_response(handle: BinaryIO, size: int, name: str) -> StreamingResponse:
+    """Stream an open file (read in a worker thread, closed at the end or when the client leaves)."""
+    import anyio.to_thread
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            left = size  # what the header promised: a file that grows meanwhile is cut there
+            while left > 0:
+                chunk = await anyio.to_thread.run_sync(handle.read, min(DOWNLOAD_CHUNK, left))
+                if not chunk:
+                    return  # truncated meanwhile: the answer ends short and the client sees it
+                left -= len(chunk)
+                yield chunk
+        finally:
+            handle.close()
+
+    quoted = quote(name)
+    disposition = (
+        f'attachment; filename="{name}"' if quoted == name else f"attachment; filename*=utf-8''{quoted}"
+    )
+    media = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    headers = {"content-length": str(size), "content-disposition": disposition}
+    return StreamingResponse(chunks(), media_type=media, headers=headers)

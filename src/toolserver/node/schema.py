@@ -222,7 +222,9 @@ def build_signature(func: Callable[..., Any], tool_name: str) -> ToolSignature:
     try:
         model = create_model(
             f"{tool_name}_arguments",
-            __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True, protected_namespaces=()),
+            __config__=ConfigDict(
+                extra="forbid", arbitrary_types_allowed=True, protected_namespaces=(), allow_inf_nan=False
+            ),
             **fields,
         )
     except Exception as exc:

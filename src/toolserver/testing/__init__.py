@@ -224,6 +224,33 @@ class ManagerProcess:
         rows = self.query("SELECT * FROM toolserver_nodes WHERE id = ?", node_id)
         return rows[0] if rows else None
 
+    def create_key(
+        self,
+        name: str,
+        scope: str = "admin",
+        *,
+        max_sessions: int | None = None,
+        starts_per_minute: int | None = None,
+    ) -> str:
+        """Add an API key to the manager's SQLite database (as ``toolserver keys create`` does) and
+        return it; the manager must have started once (its tables exist)."""
+        from toolserver.manager.auth import hash_key, new_key
+        from toolserver.manager.models import utcnow
+
+        key_id, token = new_key()
+        self.query(
+            "INSERT INTO api_keys (id, name, scope, secret_hash, created_at, max_sessions, starts_per_minute)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            key_id,
+            name,
+            scope,
+            hash_key(token),
+            utcnow().isoformat(sep=" "),
+            max_sessions,
+            starts_per_minute,
+        )
+        return token
+
     def node_dirs(self) -> list[Path]:
         """The per-node directories of the process runtime."""
         root = self.data_dir / "nodes"
