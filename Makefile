@@ -10,7 +10,7 @@ CONFIG ?= config/manager.yml
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check -U pip
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,postgres]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev,postgres,notebook]'
 	touch $@
 
 venv: $(STAMP)
@@ -28,6 +28,7 @@ node-image: venv
 
 test: venv docker-ready
 	bash scripts/ensure-postgres.sh
+	bash scripts/ensure-tmux.sh
 	bash scripts/ensure-chromium.sh
 	bash scripts/ensure-inspector.sh
 	$(BIN)/ruff check src tests bench
@@ -35,6 +36,7 @@ test: venv docker-ready
 
 # The suite without Docker (for machines without a Docker Engine).
 test-fast: venv
+	bash scripts/ensure-tmux.sh
 	$(BIN)/pytest -m "not docker"
 
 lint: venv

@@ -19,6 +19,7 @@ from types import ModuleType
 from bench import (
     checker_cost,
     checker_docker,
+    first_byte,
     limits,
     machine,
     mcp,
@@ -33,7 +34,8 @@ from bench.common import DOCS_DIR, RESULTS_DIR, Context, Outcome
 from bench.procs import cleanup_all, install_signal_handlers
 
 BENCHMARKS: dict[str, ModuleType] = {
-    m.NAME: m for m in (session_ready, proxy, mcp, streaming, checker_cost, checker_docker, memory, limits)
+    m.NAME: m
+    for m in (session_ready, proxy, mcp, streaming, first_byte, checker_cost, checker_docker, memory, limits)
 }
 
 

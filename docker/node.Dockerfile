@@ -44,6 +44,11 @@ RUN /opt/toolserver/bin/pip install --no-index --no-deps --no-cache-dir /tmp/app
     && toolserver --version
 
 USER ${TOOLSERVER_UID}:${TOOLSERVER_UID}
+# matplotlib's font list, built once here rather than on every node's first plot (~1 s); the
+# notebook kernel and scripts use this directory (a read-only root filesystem makes matplotlib
+# fall back to a temporary one, at that cost)
+ENV MPLCONFIGDIR=/home/toolserver/.config/matplotlib
+RUN python3 -c "import matplotlib.font_manager" && ls "$MPLCONFIGDIR"/fontlist-*.json >/dev/null
 WORKDIR /workspace
 # No VOLUME: the runtime mounts a named volume at /workspace (an anonymous one would leak).
 EXPOSE 31942

@@ -123,9 +123,10 @@ rm -rf "$WHEELS/app" build/lib build/bdist.* && mkdir -p "$WHEELS/app"   # no st
 "$PYTHON" -m pip wheel -q --disable-pip-version-check --no-deps . -w "$WHEELS/app" >build/pip-wheel.log 2>&1 \
     || { cat build/pip-wheel.log >&2; die "pip wheel failed (log above)"; }
 rm -rf build/lib build/bdist.*
-# the postgres extra (asyncpg) rides along, so that the manager image built from the same wheels
+# the notebook extra (numpy, pandas, matplotlib) is what the node's kernel imports; the postgres
+# extra (asyncpg) rides along, so that the manager image built from the same wheels
 # (docker/manager.Dockerfile) can use a PostgreSQL database_url
-DEPS_EXTRAS=postgres
+DEPS_EXTRAS=postgres,notebook
 deps_hash=$( (sha256sum pyproject.toml; echo "$WHEEL_PYTHON_VERSION $DEPS_EXTRAS") | sha256sum | cut -c1-32)
 if [ "$(cat "$WHEELS/deps/.deps-hash" 2>/dev/null || true)" != "$deps_hash" ]; then
     step "downloading dependency wheels for Python $WHEEL_PYTHON_VERSION into $WHEELS/deps (pip download)"

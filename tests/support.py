@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
+import psutil
+
 from toolserver import testing
 from toolserver.testing import (
     free_port,
@@ -23,6 +25,7 @@ from toolserver.testing.tiers import docker_unavailable_reason, marked_processes
 __all__ = [
     "NODE_IMAGE",
     "ManagerProcess",
+    "Tmux",
     "check_fuzzed_answer",
     "config_refusal",
     "docker_containers",
@@ -35,6 +38,9 @@ __all__ = [
     "marked_processes",
     "node_processes",
     "processes_under",
+    "sleeping",
+    "terminal_transcript",
+    "until_async",
     "wait_until",
 ]
 
@@ -121,6 +127,99 @@ def docker_containers(label: str) -> list[dict[str, str]]:
         check=True,
     ).stdout
     return [dict(zip(("id", "state", "name"), line.split(), strict=True)) for line in out.splitlines()]
+
+
+class Tmux:
+    """A tmux server of the test's own (``-L``) running one command in a window of a given size.
+
+    ``keys`` types (tmux key names: ``Enter``, ``C-d``), ``screen`` reads the pane as shown,
+    ``wait_for`` polls the screen for a text. The server is killed on :meth:`close`.
+    """
+
+    def __init__(self, command: str, cols: int = 100, rows: int = 30) -> None:
+        import shutil
+        import uuid
+
+        if shutil.which("tmux") is None:
+            import pytest
+
+            pytest.skip("tmux is not installed (scripts/ensure-tmux.sh installs it)")
+        self.socket = f"toolserver-test-{uuid.uuid4().hex[:8]}"
+        self._tmux("new-session", "-d", "-s", "t", "-x", str(cols), "-y", str(rows), command)
+        self._tmux("set-option", "-t", "t", "remain-on-exit", "on")
+
+    def _tmux(self, *args: str) -> str:
+        done = subprocess.run(["tmux", "-L", self.socket, *args], capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            raise AssertionError(f"tmux {' '.join(args)} failed: {done.stderr}")
+        return done.stdout
+
+    def keys(self, *keys: str) -> None:
+        self._tmux("send-keys", "-t", "t", *keys)
+
+    def resize(self, cols: int, rows: int) -> None:
+        self._tmux("resize-window", "-t", "t", "-x", str(cols), "-y", str(rows))
+
+    def screen(self) -> str:
+        return self._tmux("capture-pane", "-p", "-t", "t")
+
+    def wait_for(self, text: str, timeout: float = 30.0) -> str:
+        def shown() -> str | None:
+            screen = self.screen()
+            return screen if text in screen else None
+
+        try:
+            return str(wait_until(shown, timeout, what=f"{text!r} on the screen"))
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; the screen shows:\n{self.screen()}") from None
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=30)
+
+    def __enter__(self) -> Tmux:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def sleeping(*seconds: str) -> list[psutil.Process]:
+    """The live ``sleep SECONDS`` processes (tests pick numbers no one else sleeps)."""
+    wanted = [["sleep", s] for s in seconds]
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        if proc.info["cmdline"] in wanted and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc)
+    return found
+
+
+async def until_async(predicate: Any, within: float = 30.0, what: str = "condition") -> Any:
+    """:func:`wait_until` for async tests: polls ``predicate`` without blocking the loop."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + within
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within:g} s waiting for {what}")
+        await asyncio.sleep(0.05)
+    return value
+
+
+async def terminal_transcript(ws: Any, keys: bytes) -> tuple[str, dict[str, Any] | None]:
+    """Type ``keys`` into a terminal WebSocket and read until it closes: (screen text, last control)."""
+    import json
+
+    import aiohttp
+
+    await ws.send_bytes(keys)
+    text, control = "", None
+    async for message in ws:
+        if message.type == aiohttp.WSMsgType.BINARY:
+            text += message.data.decode(errors="replace")
+        else:
+            control = json.loads(message.data)
+    return text, control
 
 
 def check_fuzzed_answer(case: Any, response: Any, may_fail: Callable[[Any], bool] | None = None) -> None:

@@ -80,7 +80,8 @@ def test_one_off_exec_and_errors(manager: ManagerProcess, tmp_path: Path) -> Non
 
 
 def test_help(capsys: pytest.CaptureFixture[str]) -> None:
-    commands = ["nodes", "session", "session new", "session release", "tools", "exec", "upload", "download"]
+    commands = ["nodes", "session", "session new", "session release", "sessions", "run", "shell", "tools"]
+    commands += ["exec", "upload", "download"]
     for command in [*commands, "download-workspace"]:
         with pytest.raises(SystemExit) as exit_:
             main([*command.split(), "--help"])

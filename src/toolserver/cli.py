@@ -4,8 +4,9 @@ Servers: ``toolserver manager | node | checker``. Operator: ``toolserver nodes``
 records of the manager's database, ``toolserver keys`` manages its API keys. Client commands talk
 to a manager through the SDK (``--url``, default ``$TOOLSERVER_URL`` or http://127.0.0.1:8080;
 ``--api-key``, default ``$TOOLSERVER_API_KEY``): ``session new | reconnect | close | release``,
-``tools``, ``exec``, ``upload``, ``download``, ``download-workspace``; ``mcp`` serves a
-session's tools to an MCP client on stdio.
+``sessions``, ``tools``, ``exec``, ``run`` (streamed output), ``shell`` (an interactive terminal),
+``upload``, ``download``, ``download-workspace``; ``mcp`` serves a session's tools to an MCP
+client on stdio.
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from typing import Any
 from toolserver import __version__
 
 #: Subcommands served by :mod:`toolserver.client_cli`.
-CLIENT_COMMANDS = frozenset({"session", "tools", "exec", "upload", "download", "download-workspace"})
+CLIENT_COMMANDS = frozenset(
+    {"session", "sessions", "tools", "exec", "run", "shell", "upload", "download", "download-workspace"}
+)
 URL_HELP = "manager URL (default: $TOOLSERVER_URL, else http://127.0.0.1:8080)"
 
 
@@ -37,6 +40,13 @@ def _tool_arguments(item: str) -> dict[str, Any]:
         return {key.strip(): json.loads(raw)}
     except ValueError:
         return {key.strip(): raw}
+
+
+def _label(item: str) -> dict[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{item!r} is not KEY=VALUE")
+    return {key: value}
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -115,6 +125,29 @@ def _build_parser() -> argparse.ArgumentParser:
         ("release", "kill and remove the session's node for good"),
     ):
         command(name, text, [client], actions).add_argument("node_id", metavar="NODE_ID")
+
+    sessions = command("sessions", "list your sessions (ids, status, labels)", [client])
+    sessions.add_argument(
+        "--label", action="append", default=[], type=_label, metavar="KEY=VALUE", help="only those with it"
+    )
+    sessions.add_argument("--json", action="store_true", help="print a JSON list")
+
+    run = command(
+        "run",
+        "run a shell command in a session, its stdout and stderr streamed here as it prints "
+        "(exits with its exit status)",
+        [client],
+    )
+    run.add_argument("--session", metavar="NODE_ID", help="session to use (default: a temporary one)")
+    run.add_argument("--timeout", type=float, metavar="SECONDS", help="kill the command after this long")
+    run.add_argument("cmd", nargs=argparse.REMAINDER, metavar="COMMAND", help="the bash command line")
+
+    shell = command(
+        "shell",
+        "an interactive terminal in a session, like docker exec -it (exit or Ctrl-D leaves it)",
+        [client],
+    )
+    shell.add_argument("node_id", metavar="SESSION", help="the session id (node_id)")
 
     tools = command("tools", "list a node's tools with the first line of their descriptions", [client])
     tools.add_argument("--session", metavar="NODE_ID", help="session to ask (default: a temporary one)")

@@ -105,6 +105,49 @@ def _exec(client: ToolServerClient, args: argparse.Namespace) -> None:
             _print(part)
 
 
+def _run(client: ToolServerClient, args: argparse.Namespace) -> int:
+    """Stream a command's stdout and stderr to ours as it prints; exit with its exit status."""
+
+    def out(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def err(text: str) -> None:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+
+    words = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not words:
+        _note("run: give the command to run, e.g. toolserver run -- ls -la")
+        return 2
+    with _session(client, args.session) as session:
+        result = session.run(" ".join(words), on_stdout=out, on_stderr=err, timeout=args.timeout)
+    if result.status == "timeout":
+        _note(f"the command was killed after {args.timeout:g} s (--timeout)")
+    code = result.exit_code if result.exit_code is not None else 1
+    return code if code >= 0 else 128 - code
+
+
+def _shell(client: ToolServerClient, args: argparse.Namespace) -> int:
+    from toolserver.client import terminal
+
+    client.connect(args.node_id).commands.list()  # a missing session fails here, with the reason
+    return terminal.run(client.base_url, args.node_id, client.api_key)
+
+
+def _sessions(client: ToolServerClient, args: argparse.Namespace) -> None:
+    labels: dict[str, str] = {}
+    for item in args.label:
+        labels.update(item)
+    sessions = client.list_sessions(labels)
+    if args.json:
+        _print([vars(s) for s in sessions])
+        return
+    for s in sessions:
+        tags = ",".join(f"{k}={v}" for k, v in s.labels.items()) or "-"
+        print(f"{s.session_id}  {s.status:<8} {s.health:<9} {s.created_at}  {tags}")
+
+
 def _upload(client: ToolServerClient, args: argparse.Namespace) -> None:
     answer = client.attach(args.node_id).upload_file(args.file, args.name)
     _print(answer.get("file_path", answer) if isinstance(answer, dict) else answer)
@@ -120,8 +163,11 @@ def _download_workspace(client: ToolServerClient, args: argparse.Namespace) -> N
     _note(f"wrote {dest.stat().st_size} bytes to {dest}")
 
 
-COMMANDS: dict[str, Callable[[ToolServerClient, argparse.Namespace], None]] = {
+COMMANDS: dict[str, Callable[[ToolServerClient, argparse.Namespace], int | None]] = {
     "session": _session_command,
+    "sessions": _sessions,
+    "run": _run,
+    "shell": _shell,
     "tools": _tools,
     "exec": _exec,
     "upload": _upload,
@@ -135,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
     url = resolve_url(args.url)
     try:
         with ToolServerClient(url, api_key=getattr(args, "api_key", None)) as client:
-            COMMANDS[args.command](client, args)
+            status = COMMANDS[args.command](client, args)
     except ClientError as exc:
         if exc.body is None:  # not an error answer (no cookie in a 200, say)
             _note(str(exc))
@@ -153,5 +199,5 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     else:
-        return 0
+        return status or 0
     return 1

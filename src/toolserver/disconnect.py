@@ -20,6 +20,12 @@ from toolserver.errors import ToolCancelled
 T = TypeVar("T")
 
 
+async def disconnected(receive: Receive) -> None:
+    """Return when the client has gone; call it once the request body has been read."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 async def unless_disconnected(receive: Receive, work: Callable[[], Awaitable[T]]) -> T:
     """``await work()``; cancel it and raise ToolCancelled when the client disconnects first.
 
@@ -29,8 +35,7 @@ async def unless_disconnected(receive: Receive, work: Callable[[], Awaitable[T]]
     with anyio.CancelScope() as scope:
 
         async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
+            await disconnected(receive)
             scope.cancel()
 
         watcher = asyncio.get_running_loop().create_task(watch())

@@ -13,6 +13,7 @@
     │   ├── InvalidSession          missing/unknown node_id (403)
     │   ├── NotYourSession          the session belongs to another API key (403)
     │   ├── UnknownSession          no session with that short id (admin API, 404)
+    │   ├── InvalidRequest          a bad parameter of a session route (422)
     │   ├── Draining                the manager takes no new sessions (503)
     │   ├── CapacityExceeded        node.max_nodes reached (429, Retry-After)
     │   │   └── QuotaExceeded       an API key's quota reached; names the quota (429, Retry-After)
@@ -30,7 +31,17 @@
     │   ├── WorkspacePathError      a path escapes the workspace (400)
     │   ├── ToolCancelled           the client went away mid-call; the tool was stopped (499)
     │   └── ToolRegistrationError   a tool cannot be registered (duplicate, bad code)
-    └── ClientError                 raised by toolserver.client for an error answer
+    └── ClientError                 raised by toolserver.client for an error answer (status_code, body)
+        ├── AccessDeniedError       401 no or a bad API key, 403 another key's session or an admin route
+        ├── SessionNotFoundError    403 invalid node_id: released, or never existed
+        ├── CapacityExceededError   429 node.max_nodes or a quota; ``retry_after`` seconds
+        ├── NodeNotReadyError       503/504 the node failed to start, is stopped or not answering
+        ├── NotFoundError           404 a workspace file or a command that is not there
+        │   └── ToolNotFoundError   404 from execute_tool: no tool by that name
+        ├── BadArgumentsError       400/422 bad arguments; ``field`` names the one at fault
+        ├── ToolFailedError         500 the tool failed; the message is the node's
+        │   └── OutputNotReadyError 450 still running; ``partial`` holds the output so far
+        └── StreamBrokenError       a streamed answer ended before it was complete
 """
 
 from __future__ import annotations
@@ -82,6 +93,10 @@ class UnknownSession(SessionError):
 
 class Draining(SessionError):
     """The manager is draining: existing sessions keep working, new ones go to another manager."""
+
+
+class InvalidRequest(SessionError):
+    """A session route got a parameter it cannot use; the message says which and why."""
 
 
 class CapacityExceeded(SessionError):
@@ -171,9 +186,64 @@ class ToolRegistrationError(ToolError):
 
 
 class ClientError(ToolServerError):
-    """An error answer received by the client SDK."""
+    """An error answer received by the client SDK (or no usable answer at all)."""
 
-    def __init__(self, message: str, status_code: int | None = None, body: object = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        status_code: int | None = None,
+        body: object = None,
+        *,
+        retry_after: float | None = None,
+        field: str | None = None,
+        partial: object = None,
+    ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.body = body
+        #: seconds the server asked to wait before trying again (Retry-After), where it said
+        self.retry_after = retry_after
+        #: the argument or key the server named as wrong, where it named one
+        self.field = field
+        #: what a tool produced before it ran out of time (450 answers)
+        self.partial = partial
+
+
+class AccessDeniedError(ClientError):
+    """The manager refused the caller: no valid API key (401), or not this key's to use (403)."""
+
+
+class SessionNotFoundError(ClientError):
+    """The session is unknown to the manager: released, or it never existed."""
+
+
+class CapacityExceededError(ClientError):
+    """The manager runs all the nodes it may (or a quota is used up): retry after ``retry_after``."""
+
+
+class NodeNotReadyError(ClientError):
+    """The session's node cannot serve now: it failed to start, is stopped, or does not answer."""
+
+
+class NotFoundError(ClientError):
+    """A workspace file or a command that is not there."""
+
+
+class ToolNotFoundError(NotFoundError):
+    """No tool by that name on the node."""
+
+
+class BadArgumentsError(ClientError):
+    """The request's arguments are wrong; ``field`` names the one at fault when the server said."""
+
+
+class ToolFailedError(ClientError):
+    """The tool ran and failed; the message is the node's."""
+
+
+class OutputNotReadyError(ToolFailedError):
+    """The tool is still running (450): ``partial`` has its output so far (and a ``shell_id``)."""
+
+
+class StreamBrokenError(ClientError):
+    """A streamed answer (command output) ended before its last event."""

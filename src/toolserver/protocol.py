@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
@@ -18,6 +18,8 @@ SECRET_ENV = "TOOLSERVER_NODE_SECRET"
 RETRY_AFTER_SECONDS = 5
 #: Status code XAgent uses for "output not ready yet".
 STATUS_OUTPUT_NOT_READY = 450
+#: Media type of the node's streamed command output: one JSON event per line.
+NDJSON_MEDIA_TYPE = "application/x-ndjson"
 
 #: Node paths the manager forwards by default (XAgent's manager.yml ``redirect_to_node_path``).
 DEFAULT_REDIRECT_POST = [
@@ -32,8 +34,17 @@ DEFAULT_REDIRECT_POST = [
     "/get_json_schema_for_tools",
     "/get_json_schema_for_envs",
     "/register_new_tool",
+    # streamed commands, workspace files (ToolServer's own)
+    "/commands",
+    "/commands/connect",
+    "/commands/stdin",
+    "/commands/kill",
+    "/files/list",
+    "/files/stat",
+    "/files/remove",
 ]
-DEFAULT_REDIRECT_GET = ["/"]
+#: ``/commands`` lists the commands; ``/terminal`` is the WebSocket of an interactive terminal.
+DEFAULT_REDIRECT_GET = ["/", "/commands", "/terminal"]
 
 
 class ExecuteToolRequest(BaseModel):
@@ -95,3 +106,54 @@ class SessionOptions(BaseModel):
         max_length=MAX_LABELS,
         description='free-form labels of the session, e.g. {"team": "search"}; filterable in the admin API',
     )
+
+
+#: Text a process can take: no NUL byte (the operating system cannot pass one).
+ProcessText = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class CommandRequest(_Body):
+    """``POST /commands``: run ``command`` with bash in the workspace."""
+
+    command: Annotated[ProcessText, StringConstraints(min_length=1)]
+    background: bool = Field(False, description="answer at once with the command's id; it runs on")
+    stdin: bool = Field(False, description="open the command's stdin (POST /commands/stdin writes it)")
+    timeout: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="seconds after which the command is killed"
+    )
+    cwd: ProcessText | None = Field(None, description="working directory, relative to the workspace")
+    env: dict[EnvName, ProcessText] | None = Field(None, description="extra environment variables")
+
+
+class CommandConnectRequest(_Body):
+    """``POST /commands/connect``: stream a command's output, from its start or from now."""
+
+    id: int
+    from_: Literal["start", "now"] = Field("start", alias="from")
+    follow: bool = Field(True, description="false: only the output so far, then the stream ends")
+
+
+class CommandStdinRequest(_Body):
+    """``POST /commands/stdin``: write ``data`` to a command's stdin; ``eof`` closes it afterwards."""
+
+    id: int
+    data: str = ""
+    eof: bool = False
+
+
+class CommandIdRequest(_Body):
+    """``POST /commands/kill``."""
+
+    id: int
+
+
+class FilePathRequest(_Body):
+    """``POST /files/list``, ``/files/stat`` and ``/files/remove``: a workspace path."""
+
+    path: str = "."
+    recursive: bool = Field(False, description="/files/remove: also a directory with everything in it")

@@ -289,6 +289,9 @@ def node(node_tmp: Path, web_url: str) -> Iterator[Node]:
         "upload_max_bytes": 1_000_000,
         "max_entries_per_level": 5,
         "max_output_chars": 4000,
+        "command_buffer_chars": 2000,
+        "command_keepalive_seconds": 0.5,
+        "max_terminals": 3,
     }
     started = Node(node_tmp / "workspace", config, node_tmp).start()
     yield started

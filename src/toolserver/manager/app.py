@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Body, Cookie, Depends, FastAPI, Request
+from fastapi import Body, Cookie, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -25,6 +25,7 @@ from toolserver.errors import (
     CapacityExceeded,
     DatabaseUnavailable,
     Draining,
+    InvalidRequest,
     InvalidSession,
     NodeNotFound,
     NodeStartError,
@@ -42,9 +43,11 @@ from toolserver.manager.events import SessionEvents, tick_observer
 from toolserver.manager.limits import limited_body, replay
 from toolserver.manager.metrics import Metrics
 from toolserver.manager.proxy import NodeProxy, send_json
+from toolserver.manager.session_list import list_sessions, parse_label_filters
 from toolserver.manager.sessions import SessionService
 from toolserver.manager.settings import Settings
 from toolserver.manager.store import open_store
+from toolserver.manager.ws_proxy import WebSocketProxy
 from toolserver.protocol import COOKIE_NAME, RETRY_AFTER_SECONDS, SessionOptions
 from toolserver.runtimes import Runtime, create_runtime
 
@@ -74,6 +77,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     checker.on_tick = tick_observer(events, metrics)
     app.state.store, app.state.sessions, app.state.proxy, app.state.checker = store, sessions, proxy, checker
     app.state.keyring = keyring
+    app.state.ws_proxy = WebSocketProxy(proxy)
+    app.state.activity = activity
     activity.start()
     metrics_site = await _serve_metrics(app) if settings.metrics_listen else None
     checker_task: asyncio.Task[None] | None = None
@@ -176,7 +181,8 @@ class ManagerApp(FastAPI):
     Forwarded requests skip the framework's middleware and routing: on the hot path of every tool
     call only the key check (a dictionary lookup) and the proxy run. ``forwarded`` maps each path to
     its methods; another method gets 405. Bodies of the paths in :attr:`body_limited` (and under
-    ``/admin/``) are read here, bounded by ``limits.body_bytes`` (413 beyond).
+    ``/admin/``) are read here, bounded by ``limits.body_bytes`` (413 beyond). A WebSocket on a
+    forwarded GET path (``/terminal``) goes to :mod:`toolserver.manager.ws_proxy`.
     ``/mcp`` goes to the MCP endpoint, behind the same key check (:mod:`toolserver.manager.mcp_http`).
     """
 
@@ -209,8 +215,10 @@ class ManagerApp(FastAPI):
             except DatabaseUnavailable as exc:
                 retry = (b"retry-after", str(RETRY_AFTER_SECONDS).encode())
                 return await send_json(send, 503, {"detail": str(exc)}, [retry])
-        methods = self.forwarded.get(path) if kind == "http" else None
-        if methods is None:
+        methods = self.forwarded.get(path) if kind in ("http", "websocket") else None
+        if kind == "websocket" and methods is not None and "GET" in methods:
+            await self.state.ws_proxy.forward(scope, receive, send)
+        elif methods is None or kind == "websocket":
             if kind == "http" and path in MCP_PATHS and self.state.mcp is not None:
                 return await self.state.mcp(scope, receive, send)
             if kind == "http" and (path in self.body_limited or path.startswith("/admin/")):
@@ -310,6 +318,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> ManagerApp
     async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(422, "invalid request: " + describe_request_errors(exc.errors()))
 
+    @app.exception_handler(InvalidRequest)
+    async def _bad_request(_: Request, exc: InvalidRequest) -> JSONResponse:
+        return _error(422, str(exc))
+
     @app.exception_handler(DatabaseUnavailable)
     async def _database(_: Request, exc: DatabaseUnavailable) -> JSONResponse:
         return _error(503, str(exc), **{"Retry-After": str(RETRY_AFTER_SECONDS)})
@@ -351,6 +363,17 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> ManagerApp
         response.headers["Server"] = server_header
         response.set_cookie(COOKIE_NAME, node.id, httponly=True, samesite="lax")
         return response  # type: ignore[return-value]
+
+    @app.get("/sessions", responses=SESSION_ERRORS, tags=["sessions"])
+    async def sessions_route(
+        request: Request,
+        caller: Caller = CallerDep,
+        label: list[str] = Query(default=[], description="KEY=VALUE; a session must carry every one"),
+    ) -> dict[str, Any]:
+        """The caller's sessions (every one for an admin key), those carrying every label asked for."""
+        state = request.app.state
+        filters = parse_label_filters(label)
+        return await list_sessions(state.store, state.activity, settings.manager_id, caller, filters)
 
     @app.post("/reconnect_session", responses=SESSION_ERRORS | NEW_SESSION_ERRORS, tags=["sessions"])
     async def reconnect_session(

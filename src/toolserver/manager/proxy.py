@@ -3,16 +3,19 @@
 Forwarded paths never enter the web framework: the proxy reads the ``node_id`` cookie, finds the
 node's route (cached, see :meth:`SessionService.route`), and streams the request body to the node
 and the node's answer back through one pooled aiohttp client. Nothing is buffered: a 1 GiB upload
-or download passes through in chunks. Hop-by-hop headers, the caller's API key and the manager's
-own cookie are not forwarded (the node is the agent's: nothing that grants access goes there);
-the node's secret is added. The caller (authenticated in front, see :mod:`toolserver.manager.auth`)
-must own the session or hold an admin key. A client that sends
+or download passes through in chunks, and each chunk of a streamed answer (a command's output) is
+sent on as soon as it arrives. A streamed answer stops when its client goes away, so that the node
+sees the client go; while it streams, the session counts as active. Hop-by-hop headers, the
+caller's API key and the manager's own cookie are not forwarded (the node is the agent's: nothing
+that grants access goes there); the node's secret is added. The caller (authenticated in front,
+see :mod:`toolserver.manager.auth`) must own the session or hold an admin key. A client that sends
 ``X-ToolServer-Cancel-On-Disconnect`` (with a body of at most 64 KiB, a tool call say) has its
 request to the node closed when it goes away before the answer, and the node then stops the tool.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -22,12 +25,12 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict
 
-from toolserver.disconnect import unless_disconnected
+from toolserver.disconnect import disconnected, unless_disconnected
 from toolserver.errors import DatabaseUnavailable, InvalidSession, ToolCancelled
 from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.auth import ANONYMOUS, SCOPE_KEY, Caller
 from toolserver.manager.metrics import Metrics
-from toolserver.manager.sessions import SessionService
+from toolserver.manager.sessions import Route, SessionService
 from toolserver.protocol import CANCEL_ON_DISCONNECT_HEADER, COOKIE_NAME, RETRY_AFTER_SECONDS, SECRET_HEADER
 from toolserver.runtimes.base import RUNNING
 
@@ -117,6 +120,26 @@ class NodeProxy:
     async def aclose(self) -> None:
         await self.client.close()
 
+    async def route(self, scope: Scope, node_id: str | None, send: Any) -> Route | None:
+        """The running node of the session ``node_id``, if the request's caller may use it, its
+        activity touched; else the error answer is sent and None returned."""
+        try:
+            route = await self.sessions.route(node_id)
+        except InvalidSession as exc:
+            return await send_json(send, 403, {"detail": str(exc)})
+        except DatabaseUnavailable as exc:
+            retry = [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())]
+            return await send_json(send, 503, {"detail": str(exc)}, retry)
+        caller: Caller = scope.get(SCOPE_KEY, ANONYMOUS)
+        if not caller.may_act_on(route.owner):
+            return await send_json(send, 403, {"detail": "this session belongs to another API key"})
+        if route.status != RUNNING:
+            return await send_json(
+                send, 503, {"detail": f"node is not running: {route.short_id} ({route.status})"}
+            )
+        self.activity.touch(route.node_id)
+        return route
+
     async def forward(self, scope: Scope, receive: Any, send: Any) -> None:
         started = time.perf_counter()
         headers: CIMultiDict[str] = CIMultiDict()
@@ -137,21 +160,9 @@ class NodeProxy:
             elif name == b"content-length":
                 length = int(value) if value.isdigit() else 0
             headers.add(raw_name.decode("latin-1"), value)
-        try:
-            route = await self.sessions.route(node_id)
-        except InvalidSession as exc:
-            return await send_json(send, 403, {"detail": str(exc)})
-        except DatabaseUnavailable as exc:
-            retry = [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())]
-            return await send_json(send, 503, {"detail": str(exc)}, retry)
-        caller: Caller = scope.get(SCOPE_KEY, ANONYMOUS)
-        if not caller.may_act_on(route.owner):
-            return await send_json(send, 403, {"detail": "this session belongs to another API key"})
-        if route.status != RUNNING:
-            return await send_json(
-                send, 503, {"detail": f"node is not running: {route.short_id} ({route.status})"}
-            )
-        self.activity.touch(route.node_id)
+        route = await self.route(scope, node_id, send)
+        if route is None:
+            return None
         headers[SECRET_HEADER] = route.secret
         if scope.get("client"):
             headers["X-Forwarded-For"] = scope["client"][0]
@@ -160,9 +171,9 @@ class NodeProxy:
             url += "?" + scope["query_string"].decode("latin-1")
         path = scope["path"]
         sent = [0]
+        streamed_body = chunked or length > SMALL_BODY
         try:
-            streamed = chunked or length > SMALL_BODY
-            if streamed:
+            if streamed_body:
                 data: Any = _body(receive, sent)  # streamed, never held in memory
             else:  # a small body goes out in one write with the request head
                 data = await _read_all(receive) if length else None
@@ -170,7 +181,7 @@ class NodeProxy:
             request = self.client.request(
                 scope["method"], url, headers=headers, data=data, allow_redirects=False
             )
-            if cancellable and not streamed:  # the body is read: receive() can only tell a disconnect
+            if cancellable and not streamed_body:  # the body is read: receive() can only tell a disconnect
                 resp = await unless_disconnected(receive, lambda: request)
             else:
                 resp = await request
@@ -200,10 +211,24 @@ class NodeProxy:
             if small:
                 received = len(body)
                 return await send({"type": "http.response.body", "body": body})
-            async for chunk in resp.content.iter_chunked(CHUNK):
-                received += len(chunk)
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b""})
+            # a streamed answer (command output, say) may outlive its client: stop reading it then,
+            # so that the node sees the client go. (A streamed request body still uses ``receive``.)
+            gone = None if streamed_body else asyncio.ensure_future(disconnected(receive))
+            if gone is not None:
+                gone.add_done_callback(lambda done: done.cancelled() or resp.close())
+            try:
+                async for chunk in resp.content.iter_chunked(CHUNK):
+                    received += len(chunk)
+                    self.activity.touch(route.node_id)  # a long stream keeps its session active
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            except aiohttp.ClientError:
+                if gone is not None and gone.done():
+                    return None  # the client went away: nobody to answer
+                raise
+            finally:
+                if gone is not None:
+                    gone.cancel()
         except (aiohttp.ClientError, TimeoutError) as exc:
             # the answer is already under way: returning without finishing it makes the server close
             # the connection, so the client sees it cut (no traceback: the node's failure, not ours)

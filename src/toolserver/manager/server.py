@@ -21,7 +21,7 @@ def uvicorn_config(settings: Settings, log_level: str = "info") -> uvicorn.Confi
         log_level=log_level,
         log_config=configure_logging(log_level, settings.log_format),
         http=functools.partial(LimitedHttpToolsProtocol, limits=limits),  # type: ignore[arg-type]
-        ws="none",
+        ws="websockets-sansio",  # the terminal (a WebSocket on a forwarded GET path)
         server_header=False,
         proxy_headers=False,
         timeout_keep_alive=limits.keep_alive_seconds,  # type: ignore[arg-type]  # a float works

@@ -6,10 +6,13 @@ models of :mod:`toolserver.protocol`.
 
 The OpenAPI document is served at ``GET /openapi.json`` (see :mod:`toolserver.node.openapi`).
 
-Statuses: 400 bad request or path outside the workspace, 401 missing/wrong node secret, 403
-registration disabled, 404 unknown tool (or file), 413 body too large, 422 invalid arguments,
+Statuses: 400 bad request or path outside the workspace, 401 missing/wrong node secret (HTTP and
+WebSocket alike), 403 registration disabled, 404 unknown tool (or file, or command), 409 a command
+that takes no input or a directory that is not empty, 413 body too large, 422 invalid arguments,
 450 output not ready / timed out (JSON body with ``detail`` and partial output), 499 the client
 went away and the tool call was cancelled, 500 tool failure.
+Streamed commands (:mod:`toolserver.node.commands`) answer NDJSON; ``/terminal`` is a WebSocket
+(:mod:`toolserver.node.terminal`).
 """
 
 from __future__ import annotations
@@ -34,18 +37,23 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
 from toolserver import __version__, protocol
 from toolserver.disconnect import unless_disconnected
 from toolserver.errors import OutputNotReady, ToolArgumentError, ToolError
+from toolserver.node.commands import Commands
 from toolserver.node.context import NodeContext
 from toolserver.node.files import (
     build_workspace_zip,
+    list_directory,
     open_file_response,
     open_regular_file,
     receive_upload,
+    remove_path,
+    stat_path,
     workspace_tree,
 )
 from toolserver.node.registered import load_registered_tools, register_tool
@@ -53,6 +61,7 @@ from toolserver.node.registry import Registry
 from toolserver.node.results import dumps, to_jsonable, wrap_result
 from toolserver.node.retrieval import ToolRetriever
 from toolserver.node.settings import NodeConfig
+from toolserver.node.terminal import Terminals
 from toolserver.node.tools import BUILTIN_MODULES
 
 log = logging.getLogger("toolserver.node")
@@ -72,7 +81,7 @@ def _error(status: int, detail: str, /, **extra: Any) -> JSONBody:
 
 
 class SecretMiddleware:
-    """Refuses (401) every request without the node secret header, except ``GET /health``."""
+    """Refuses (401) every request and WebSocket without the node secret header, except ``GET /health``."""
 
     def __init__(self, app: ASGIApp, secret: str | None) -> None:
         self.app = app
@@ -80,9 +89,9 @@ class SecretMiddleware:
         self.header = protocol.SECRET_HEADER.lower().encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.secret is None or scope["type"] != "http":
+        if self.secret is None or scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
-        if scope["path"] == "/health" and scope["method"] in ("GET", "HEAD"):
+        if scope["path"] == "/health" and scope.get("method") in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
         given = next((v for k, v in scope["headers"] if k == self.header), None)
         if given is None or not secrets.compare_digest(given, self.secret):
@@ -333,6 +342,42 @@ def create_app(config: NodeConfig) -> Starlette:
     async def get_workspace_structure(request: Request) -> Response:
         return JSONBody(await anyio.to_thread.run_sync(workspace_tree, ctx))
 
+    commands = Commands(ctx)
+
+    async def start_command(request: Request) -> Response:
+        req = _parse(protocol.CommandRequest, await _read_json(request, limit))
+        job, stream = await commands.start(req)
+        return stream or JSONBody(job.info())
+
+    async def list_commands(request: Request) -> Response:
+        return JSONBody(commands.list())
+
+    async def connect_command(request: Request) -> Response:
+        return commands.connect(_parse(protocol.CommandConnectRequest, await _read_json(request, limit)))
+
+    async def command_stdin(request: Request) -> Response:
+        req = _parse(protocol.CommandStdinRequest, await _read_json(request, limit))
+        return JSONBody(await commands.stdin(req))
+
+    async def kill_command(request: Request) -> Response:
+        req = _parse(protocol.CommandIdRequest, await _read_json(request, limit))
+        return JSONBody(await commands.kill(req.id))
+
+    async def files_list(request: Request) -> Response:
+        req = _parse(protocol.FilePathRequest, await _read_json(request, limit))
+        return JSONBody(await anyio.to_thread.run_sync(list_directory, ctx, req.path))
+
+    async def files_stat(request: Request) -> Response:
+        req = _parse(protocol.FilePathRequest, await _read_json(request, limit))
+        return JSONBody(await anyio.to_thread.run_sync(stat_path, ctx, req.path))
+
+    async def files_remove(request: Request) -> Response:
+        req = _parse(protocol.FilePathRequest, await _read_json(request, limit))
+        return JSONBody(await anyio.to_thread.run_sync(remove_path, ctx, req.path, req.recursive))
+
+    async def terminal(websocket: WebSocket) -> None:
+        await ctx.service("terminals", Terminals).serve(websocket)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         gc.freeze()  # imports and the registry live as long as the node: no full GC passes over them
@@ -361,6 +406,15 @@ def create_app(config: NodeConfig) -> Starlette:
         Route("/download_file", _endpoint(download_file), methods=post),
         Route("/download_workspace", _endpoint(download_workspace), methods=post),
         Route("/get_workspace_structure", _endpoint(get_workspace_structure), methods=post),
+        Route("/commands", _endpoint(start_command), methods=post),
+        Route("/commands", _endpoint(list_commands), methods=["GET"]),
+        Route("/commands/connect", _endpoint(connect_command), methods=post),
+        Route("/commands/stdin", _endpoint(command_stdin), methods=post),
+        Route("/commands/kill", _endpoint(kill_command), methods=post),
+        Route("/files/list", _endpoint(files_list), methods=post),
+        Route("/files/stat", _endpoint(files_stat), methods=post),
+        Route("/files/remove", _endpoint(files_remove), methods=post),
+        WebSocketRoute("/terminal", terminal),
     ]
     secret = config.secret.get_secret_value() if config.secret else None
     app = Starlette(

@@ -63,6 +63,8 @@ class NodeContext:
         self.state_dir = config.resolved_state_dir
         self._services: dict[str, Any] = {}
         self.child_env = {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV_PREFIX)}
+        # scripts that plot render to files: there is no display in a node
+        self.child_env.setdefault("MPLBACKEND", "Agg")
 
     @property
     def tmp_dir(self) -> Path:

@@ -314,3 +314,78 @@ def open_file_response(handle: BinaryIO, size: int, name: str) -> StreamingRespo
     media = mimetypes.guess_type(name)[0] or "application/octet-stream"
     headers = {"content-length": str(size), "content-disposition": disposition}
     return StreamingResponse(chunks(), media_type=media, headers=headers)
+
+
+def _entry(ctx: NodeContext, entry: os.DirEntry[str]) -> dict[str, Any]:
+    rel = ctx.relative(Path(entry.path))
+    if entry.is_symlink():
+        return {"name": entry.name, "path": rel, "type": "symlink", "size": None}
+    if entry.is_dir():
+        return {"name": entry.name, "path": rel, "type": "directory", "size": None}
+    try:
+        size = entry.stat().st_size if entry.is_file() else None
+    except OSError:
+        size = None
+    return {"name": entry.name, "path": rel, "type": "file" if entry.is_file() else "other", "size": size}
+
+
+def list_directory(ctx: NodeContext, raw: str) -> dict[str, Any]:
+    """The entries of one workspace directory (not recursive), directories first, capped in number."""
+    directory = ctx.resolve(raw)
+    if not directory.exists():
+        raise HTTPException(404, f"{raw!r} not found in the workspace")
+    if not directory.is_dir():
+        raise HTTPException(400, f"{raw!r} is not a directory")
+    limit = ctx.config.workspace_tree_max_entries
+    with os.scandir(directory) as it:
+        entries = [e for e in it if not e.name.startswith(UPLOAD_PREFIX)]
+    entries.sort(key=lambda e: (not e.is_dir(follow_symlinks=False), e.name))
+    answer: dict[str, Any] = {
+        "path": ctx.relative(directory),
+        "entries": [_entry(ctx, e) for e in entries[:limit]],
+    }
+    if len(entries) > limit:
+        answer["truncated"] = True
+    return answer
+
+
+def stat_path(ctx: NodeContext, raw: str) -> dict[str, Any]:
+    """Whether a workspace path exists, and what it is."""
+    path = ctx.resolve(raw)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return {"path": ctx.relative(path), "exists": False}
+    kind = "directory" if path.is_dir() else "file" if path.is_file() else "other"
+    return {
+        "path": ctx.relative(path),
+        "exists": True,
+        "type": kind,
+        "size": st.st_size if kind == "file" else None,
+        "modified": st.st_mtime,
+    }
+
+
+def remove_path(ctx: NodeContext, raw: str, recursive: bool) -> dict[str, Any]:
+    """Remove a file, a symlink (not what it points to) or, with ``recursive``, a directory tree."""
+    text = raw.strip().replace("\\", "/").rstrip("/")
+    head, _, name = text.rpartition("/")
+    if name in ("", ".", "..") or "\x00" in name:
+        raise HTTPException(400, f"{raw!r} names no entry that can be removed (the workspace itself?)")
+    target = ctx.resolve(head or ".") / name
+    if not os.path.lexists(target):
+        raise HTTPException(404, f"{raw!r} not found in the workspace")
+    if target.is_symlink() or not target.is_dir():
+        target.unlink()
+    elif recursive:
+        import shutil
+
+        shutil.rmtree(target)
+    else:
+        try:
+            target.rmdir()
+        except OSError:
+            raise HTTPException(
+                409, f"{raw!r} is a directory that is not empty; remove it with recursive=true"
+            ) from None
+    return {"path": ctx.relative(target), "removed": True}

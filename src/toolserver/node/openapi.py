@@ -23,7 +23,16 @@ BODY_MODELS: list[type[BaseModel]] = [
     protocol.EnvNamesRequest,
     protocol.RetrieveToolsRequest,
     protocol.RegisterToolRequest,
+    protocol.CommandRequest,
+    protocol.CommandConnectRequest,
+    protocol.CommandStdinRequest,
+    protocol.CommandIdRequest,
+    protocol.FilePathRequest,
 ]
+NDJSON = {
+    "description": "NDJSON events: start, stdout/stderr chunks, keepalive, dropped, then exit or detached",
+    "content": {protocol.NDJSON_MEDIA_TYPE: {"schema": {}}},
+}
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -156,6 +165,42 @@ def node_openapi(registry: Registry) -> dict[str, Any]:
             {"200": {"description": "zip", "content": {"application/zip": {"schema": {}}}}},
         ),
         "/get_workspace_structure": _post("the workspace tree", None, {"200": _json()}),
+        "/commands": {
+            "get": {"summary": "the commands there are", "responses": {"200": _json(), **COMMON}},
+            **_post(
+                "run a command; its output streamed as printed (background: its record at once)",
+                _ref(protocol.CommandRequest),
+                {"200": NDJSON},
+            ),
+        },
+        "/commands/connect": _post(
+            "reattach to a command's output, from its start or from now",
+            _ref(protocol.CommandConnectRequest),
+            {"200": NDJSON, "404": _error("no such command")},
+        ),
+        "/commands/stdin": _post(
+            "write to a command's stdin",
+            _ref(protocol.CommandStdinRequest),
+            {"200": _json(), "404": _error("no such command"), "409": _error("it takes no input")},
+        ),
+        "/commands/kill": _post(
+            "kill a command and what it started",
+            _ref(protocol.CommandIdRequest),
+            {"200": _json(), "404": _error("no such command")},
+        ),
+        "/files/list": _post(
+            "a workspace directory's entries",
+            _ref(protocol.FilePathRequest),
+            {"200": _json(), "404": _error("no such directory")},
+        ),
+        "/files/stat": _post(
+            "whether a workspace path exists", _ref(protocol.FilePathRequest), {"200": _json()}
+        ),
+        "/files/remove": _post(
+            "remove a file, a symlink or (recursive) a directory",
+            _ref(protocol.FilePathRequest),
+            {"200": _json(), "404": _error("no such entry"), "409": _error("a directory that is not empty")},
+        ),
     }
     return {
         "openapi": "3.1.0",

@@ -7,6 +7,7 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 from toolserver.errors import ConfigError
 
@@ -55,7 +56,7 @@ def serve(
             port=port,
             log_level=log_level,
             lifespan="on",
-            ws="none",
+            ws=_websocket_protocol,  # type: ignore[arg-type]
             access_log=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
             server_header=False,
@@ -63,6 +64,16 @@ def serve(
     )
     sockets = [socket.socket(fileno=fd)] if fd is not None else None
     server.run(sockets=sockets)
+
+
+def _websocket_protocol(*args: Any, **kwargs: Any) -> Any:
+    """uvicorn's WebSocket protocol, imported on the first upgrade (/terminal) rather than at start-up.
+
+    The import costs ~20 ms, which every cold node would otherwise pay before it serves.
+    """
+    from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+    return WebSocketsSansIOProtocol(*args, **kwargs)
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

@@ -44,6 +44,13 @@ class NodeConfig(EnvOverYamlSettings):
     # shell
     shell_executable: str = "/bin/bash"
     shell_timeout: float = Field(60.0, gt=0, description="seconds a foreground command may run")
+    command_buffer_chars: int = Field(
+        1_000_000, ge=1_000, description="/commands: output kept per command for reattaching"
+    )
+    command_keepalive_seconds: float = Field(
+        15.0, gt=0, description="/commands streams: a keepalive line after this long without output"
+    )
+    max_terminals: int = Field(8, ge=1, description="interactive terminals open at once")
     # notebook
     notebook_file: str = "notebook.ipynb"
     notebook_timeout: float = Field(120.0, gt=0, description="seconds a cell may run before an interrupt")

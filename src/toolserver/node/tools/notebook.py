@@ -27,6 +27,8 @@ from toolserver.node.results import Binary, Composite
 log = logging.getLogger("toolserver.node")
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+#: ipykernel's own matplotlib backend: a figure at the end of a cell is shown as a PNG
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 _IMAGE_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/svg+xml": "svg"}
 
 
@@ -59,6 +61,8 @@ class _Kernel:
         env.setdefault("IPYTHONDIR", str(state / "ipython"))
         env.setdefault("JUPYTER_RUNTIME_DIR", str(runtime))
         env.setdefault("MPLCONFIGDIR", str(state / "matplotlib"))
+        # figures come back as PNG display data: matplotlib-inline, which renders with Agg
+        env["MPLBACKEND"] = INLINE_BACKEND
         env["PYDEVD_DISABLE_FILE_VALIDATION"] = "1"
         km = AsyncKernelManager(
             kernel_name=ctx.config.kernel_name,
