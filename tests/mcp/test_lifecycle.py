@@ -1,5 +1,6 @@
 """An MCP session's node under the manager's rules: node.max_nodes, the checker's idle close, and
-the session's own idle end (mcp.session_idle_minutes); answers as server-sent events."""
+the session's own idle end (mcp.session_idle_minutes); answers as server-sent events, which also
+carry a shell command's output as progress."""
 
 from __future__ import annotations
 
@@ -79,4 +80,25 @@ async def test_idle_session_ends_and_releases_its_node(strict_manager: ManagerPr
         ping = {"jsonrpc": "2.0", "id": 5, "method": "ping"}
         late = await http.post(url, json=ping, headers={**ACCEPT, "mcp-session-id": sid})
         assert late.status_code == 404  # the SDK's session ended too
+    await anyio.to_thread.run_sync(assert_nothing_leaked, strict_manager)
+
+
+@pytest.mark.parametrize("transport", ["http", "stdio"])
+async def test_shell_output_comes_as_progress(strict_manager: ManagerProcess, transport: str) -> None:
+    seen: list[tuple[float, str]] = []
+
+    async def progress(done: float, total: float | None, message: str | None) -> None:
+        seen.append((done, message or ""))
+
+    command = "for i in 1 2 3; do echo line$i; sleep 0.4; done; echo done >&2"
+    async with mcp_client(strict_manager, transport) as client:
+        result = await client.call_tool(
+            "shell_command_executor", {"command": command}, progress_callback=progress
+        )
+    # the result is the tool's own ...
+    assert result.structured_content == {"returncode": 0, "output": "line1\nline2\nline3\ndone\n"}
+    # ... and the output came as it was printed, in order, with a growing count
+    assert len(seen) >= 3, seen
+    assert "".join(m for _, m in seen).replace("\n", " ").split() == ["line1", "line2", "line3", "done"]
+    assert [d for d, _ in seen] == sorted({d for d, _ in seen})
     await anyio.to_thread.run_sync(assert_nothing_leaked, strict_manager)

@@ -104,7 +104,9 @@ class NodeSandbox(Sandbox):
         self.activity = activity
 
     @contextlib.asynccontextmanager
-    async def open(self, path: str, payload: dict[str, Any] | None) -> AsyncIterator[NodeStream]:
+    async def open(
+        self, path: str, payload: dict[str, Any] | None, method: str = "POST"
+    ) -> AsyncIterator[NodeStream]:
         route = await self.sessions.route(self.node_id)
         if route.status != RUNNING:
             # the proxy's words, so that Sandbox.post restarts a node the checker stopped
@@ -112,8 +114,8 @@ class NodeSandbox(Sandbox):
         self.activity.touch(route.node_id)
         url = f"http://{route.host}:{route.port}{path}"
         try:
-            async with self.proxy.client.post(
-                url, json=payload, headers={SECRET_HEADER: route.secret}
+            async with self.proxy.client.request(
+                method, url, json=payload, headers={SECRET_HEADER: route.secret}
             ) as resp:
                 yield _AiohttpStream(resp)
         except TimeoutError:

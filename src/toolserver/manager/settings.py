@@ -106,7 +106,7 @@ class McpSettings(_Strict):
     json_response: bool = Field(
         True,
         description="answer each request with one JSON body (faster) rather than a server-sent-event "
-        "stream, which progress notifications need",
+        "stream, which carries progress notifications (a shell command's output)",
     )
     resource_max_bytes: int = Field(
         10 * 1024 * 1024, ge=1, description="largest workspace file served as an MCP resource"

@@ -80,8 +80,11 @@ class Sandbox(ABC):
         self._restarting = asyncio.Lock()
 
     @abstractmethod
-    def open(self, path: str, payload: dict[str, Any] | None) -> AbstractAsyncContextManager[NodeStream]:
-        """POST ``payload`` to the node's ``path``; raises NodeUnavailable or InvalidSession."""
+    def open(
+        self, path: str, payload: dict[str, Any] | None, method: str = "POST"
+    ) -> AbstractAsyncContextManager[NodeStream]:
+        """Send ``payload`` to the node's ``path`` (a GET sends none); raises NodeUnavailable or
+        InvalidSession."""
 
     @abstractmethod
     async def restart(self) -> None:
@@ -92,6 +95,10 @@ class Sandbox(ABC):
         return await self._restarting_if_stopped(
             lambda: self._post(path, payload), lambda a: a.status == 503 and _stopped(a.detail)
         )
+
+    async def get(self, path: str) -> NodeAnswer:
+        """The node's answer to ``GET path``, as :meth:`post` gives it."""
+        return await self._post(path, None, "GET")
 
     async def read_file(self, path: str, limit: int) -> FileData:
         """A workspace file of at most ``limit`` bytes; ResourceError (or ResourceTooLarge) otherwise."""
@@ -123,9 +130,9 @@ class Sandbox(ABC):
                 return result
             return await attempt()
 
-    async def _post(self, path: str, payload: dict[str, Any] | None) -> NodeAnswer:
+    async def _post(self, path: str, payload: dict[str, Any] | None, method: str = "POST") -> NodeAnswer:
         try:
-            async with self.open(path, payload) as stream:
+            async with self.open(path, payload, method) as stream:
                 raw = await _read(stream, MAX_ANSWER_BYTES)
                 if raw is None:
                     return NodeAnswer(

@@ -5,6 +5,7 @@ up by the ``Mcp-Session-Id`` header; the stdio server has just one). ``tools/lis
 node's tools, ``tools/call`` runs one; ``resources/list`` and ``resources/read`` serve the
 workspace's files. A call the client cancels is cancelled here, which closes the request to the
 node, and the node then stops the tool (a shell command is killed, a notebook cell interrupted).
+A shell command reports its output as progress (:mod:`.progress`).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ import mcp.types as types
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.shared.exceptions import MCPError
+from mcp.shared.jsonrpc_dispatcher import progress_token_from_params
 
 from toolserver import __version__
 from toolserver.errors import ResourceError
+from toolserver.mcp_server.progress import call_with_progress, streams_output
 from toolserver.mcp_server.results import (
     WORKSPACE_TEMPLATE,
     resource_contents,
@@ -55,10 +58,14 @@ def build_server(resolve: SandboxResolver, resource_max_bytes: int) -> Server[An
         ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
     ) -> types.CallToolResult:
         sandbox = await resolve(ctx)
-        # Progress: a node route that streams a command's output (issue 12) is where shell calls
-        # carrying a progress token will report each chunk (ctx.session.report_progress). Until a
-        # node offers one, a call reports nothing before its result.
-        payload = {"tool_name": params.name, "arguments": params.arguments or {}}
+        arguments = params.arguments or {}
+        payload = {"tool_name": params.name, "arguments": arguments}
+        if progress_token_from_params(ctx.params) is not None and streams_output(params.name, arguments):
+
+            async def report(printed: float, text: str) -> None:
+                await ctx.session.report_progress(printed, None, text)
+
+            return tool_result(await call_with_progress(sandbox, payload, report))
         return tool_result(await sandbox.post("/execute_tool", payload))
 
     async def list_resources(

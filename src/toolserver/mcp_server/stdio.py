@@ -50,11 +50,13 @@ class ClientSandbox(Sandbox):
         self.session = session
 
     @contextlib.asynccontextmanager
-    async def open(self, path: str, payload: dict[str, Any] | None) -> AsyncIterator[NodeStream]:
+    async def open(
+        self, path: str, payload: dict[str, Any] | None, method: str = "POST"
+    ) -> AsyncIterator[NodeStream]:
         # a cancelled call closes this request; the header asks the proxy to pass that on
         headers = {CANCEL_ON_DISCONNECT_HEADER: "1"}
         try:
-            async with self.session.stream(path, payload, headers) as resp:
+            async with self.session.stream(path, payload, headers, method) as resp:
                 if resp.status_code == 403:
                     body = (await resp.aread()).decode(errors="replace")
                     if "invalid node_id" in body:
