@@ -97,8 +97,10 @@ async def test_shell_output_comes_as_progress(strict_manager: ManagerProcess, tr
         )
     # the result is the tool's own ...
     assert result.structured_content == {"returncode": 0, "output": "line1\nline2\nline3\ndone\n"}
-    # ... and the output came as it was printed, in order, with a growing count
-    assert len(seen) >= 3, seen
-    assert "".join(m for _, m in seen).replace("\n", " ").split() == ["line1", "line2", "line3", "done"]
+    # ... and the output came while it was printed, in order, with a growing count (the last chunk
+    # may come after the result, which has it all, and is then not reported)
+    words = "".join(m for _, m in seen).split()
+    assert len(seen) >= 2 and words[:2] == ["line1", "line2"], seen
+    assert words == ["line1", "line2", "line3", "done"][: len(words)]
     assert [d for d, _ in seen] == sorted({d for d, _ in seen})
     await anyio.to_thread.run_sync(assert_nothing_leaked, strict_manager)

@@ -53,6 +53,7 @@ from toolserver.errors import (
 )
 from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.auth import ANONYMOUS, SCOPE_KEY, Caller
+from toolserver.manager.limits import limited_body, replay
 from toolserver.manager.models import STOPPED_STATUSES
 from toolserver.manager.proxy import NodeProxy, send_json
 from toolserver.manager.sessions import SessionService
@@ -247,16 +248,19 @@ class McpEndpoint:
 
     async def _open(self, scope: dict[str, Any], receive: ASGIReceive, send: ASGISend) -> None:
         """An opening POST: a node for an ``initialize``, bound to the session the SDK opens."""
-        body = await _read_body(receive, MAX_OPENING_BODY)
+        try:
+            body = await limited_body(receive, MAX_OPENING_BODY)
+        except ConnectionResetError:
+            return None  # the client went away
         if body is None:
             return await send_json(send, 413, _rpc_error(None, INVALID_REQUEST, "request body too large"))
-        replay = _replay(body, receive)
+        receive = replay(body, receive)
         request_id, is_initialize = _initialize_id(body)
         if not is_initialize:  # the SDK refuses it: no session yet
-            return await self.sdk.handle_request(scope, replay, send)
+            return await self.sdk.handle_request(scope, receive, send)
         refusal = await self._security.validate_request(Request(scope), is_post=True)
         if refusal is not None:
-            return await refusal(scope, replay, send)
+            return await refusal(scope, receive, send)
         caller: Caller = scope.get(SCOPE_KEY, ANONYMOUS)
         retry = [(b"retry-after", str(RETRY_AFTER_SECONDS).encode())]
         try:
@@ -273,7 +277,7 @@ class McpEndpoint:
             return await send_json(send, 503, _rpc_error(request_id, INTERNAL_ERROR, message))
         status = sid = None
         try:
-            status, sid = await _serve(self.sdk.handle_request, scope, replay, send)
+            status, sid = await _serve(self.sdk.handle_request, scope, receive, send)
         finally:
             if sid is not None and status is not None and status < 400:
                 sandbox = NodeSandbox(node.id, self.sessions, self.proxy, self.activity, caller)
@@ -371,31 +375,6 @@ async def _serve(
 
     await app(scope, receive, watch)
     return status, sid
-
-
-async def _read_body(receive: ASGIReceive, limit: int) -> bytes | None:
-    parts, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return b"".join(parts)
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            return None
-        parts.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(parts)
-
-
-def _replay(body: bytes, receive: ASGIReceive) -> ASGIReceive:
-    """A ``receive`` that hands out ``body`` once, then whatever the connection sends."""
-    pending = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def again() -> dict[str, Any]:
-        return pending.pop() if pending else await receive()
-
-    return again
 
 
 def _initialize_id(body: bytes) -> tuple[Any, bool]:
