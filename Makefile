@@ -30,6 +30,7 @@ test: venv docker-ready
 	bash scripts/ensure-postgres.sh
 	bash scripts/ensure-tmux.sh
 	bash scripts/ensure-chromium.sh
+	bash scripts/ensure-inspector.sh
 	$(BIN)/ruff check src tests bench
 	$(BIN)/pytest
 

@@ -23,6 +23,7 @@ from bench import (
     first_byte,
     limits,
     machine,
+    mcp,
     memory,
     plot,
     proxy,
@@ -38,6 +39,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     for m in (
         session_ready,
         proxy,
+        mcp,
         streaming,
         first_byte,
         checker_cost,

@@ -175,6 +175,30 @@ def run_in_subprocess(spec: dict[str, Any], timeout: float | None = None) -> dic
     return json.loads(done.stdout)
 
 
+def compare(specs: dict[str, dict[str, Any]], rounds: int) -> dict[str, dict[str, Any]]:
+    """Load each target of ``specs`` in turn, ``rounds`` times in alternating order, and pool them.
+
+    Returns ``{target: {"latency_ms": summary, "rps": [...], "rps_mean", "errors"}}``.
+    """
+    from bench.common import summary
+
+    cells: dict[str, dict[str, Any]] = {t: {"latencies_us": [], "rps": [], "errors": 0} for t in specs}
+    targets = tuple(specs)
+    for rnd in range(rounds):
+        for target in targets if rnd % 2 == 0 else tuple(reversed(targets)):
+            res = run_in_subprocess(specs[target])
+            if res["worker_failures"]:
+                raise RuntimeError(f"{target}: load generator failures {res['worker_failures']}")
+            cells[target]["latencies_us"] += res["latencies_us"]
+            cells[target]["rps"].append(res["rps"])
+            cells[target]["errors"] += res["errors"]
+    for cell in cells.values():
+        lat = cell.pop("latencies_us")
+        cell["latency_ms"] = {k: v / 1000 if k != "count" else v for k, v in summary(lat).items()}
+        cell["rps_mean"] = sum(cell["rps"]) / len(cell["rps"])
+    return cells
+
+
 def main() -> int:
     spec = json.load(sys.stdin)
     try:

@@ -30,8 +30,8 @@ from typing import Any
 import httpx
 
 from bench import profiling
-from bench.common import Context, Figure, Outcome, at_least, at_most, summary
-from bench.loadgen import build_request, run_in_subprocess
+from bench.common import Context, Figure, Outcome, at_least, at_most
+from bench.loadgen import build_request, compare, run_in_subprocess
 from bench.nginx import Nginx, ensure_nginx
 from bench.procs import Manager
 
@@ -74,9 +74,9 @@ class Endpoints:
                 raise RuntimeError(f"{target} answered {resp.status_code}: {resp.text[:200]}")
 
 
-def _load(ends: Endpoints, target: str, workload: str, concurrency: int, ctx: Context) -> dict[str, Any]:
+def _spec(ends: Endpoints, target: str, workload: str, concurrency: int, ctx: Context) -> dict[str, Any]:
     requests = ctx.pick(3000, 600) if concurrency == 1 else ctx.pick(30000, 4000)
-    spec = {
+    return {
         "host": "127.0.0.1",
         "port": ends.ports[target],
         "request": ends.request(target, WORKLOADS[workload]).decode("latin-1"),
@@ -85,36 +85,21 @@ def _load(ends: Endpoints, target: str, workload: str, concurrency: int, ctx: Co
         "duration": ctx.pick(8, 3),
         "warmup": max(100, 2 * concurrency),
     }
-    return run_in_subprocess(spec)
+
+
+def _load(ends: Endpoints, target: str, workload: str, concurrency: int, ctx: Context) -> dict[str, Any]:
+    return run_in_subprocess(_spec(ends, target, workload, concurrency, ctx))
 
 
 def _measure(ends: Endpoints, ctx: Context) -> dict[str, Any]:
-    """{workload: {concurrency: {target: {latencies_us, rps, errors, ...}}}}."""
-    rounds = ctx.pick(2, 1)
+    """{workload: {concurrency: {target: {latency_ms, rps, rps_mean, errors}}}}."""
     out: dict[str, Any] = {}
     for workload in WORKLOADS:
         ends.check(workload)
         out[workload] = {}
         for concurrency in (1, 64):
-            cell: dict[str, dict[str, Any]] = {
-                t: {"latencies_us": [], "rps": [], "errors": 0} for t in TARGETS
-            }
-            for rnd in range(rounds):
-                order = TARGETS if rnd % 2 == 0 else tuple(reversed(TARGETS))
-                for target in order:
-                    res = _load(ends, target, workload, concurrency, ctx)
-                    cell[target]["latencies_us"] += res["latencies_us"]
-                    cell[target]["rps"].append(res["rps"])
-                    cell[target]["errors"] += res["errors"]
-                    if res["worker_failures"]:
-                        raise RuntimeError(f"{target}: load generator failures {res['worker_failures']}")
-            for target in TARGETS:
-                lat = cell[target].pop("latencies_us")
-                cell[target]["latency_ms"] = {
-                    k: v / 1000 if k != "count" else v for k, v in summary(lat).items()
-                }
-                cell[target]["rps_mean"] = sum(cell[target]["rps"]) / len(cell[target]["rps"])
-            out[workload][str(concurrency)] = cell
+            specs = {t: _spec(ends, t, workload, concurrency, ctx) for t in TARGETS}
+            out[workload][str(concurrency)] = compare(specs, ctx.pick(2, 1))
     return out
 
 

@@ -5,7 +5,8 @@ records of the manager's database, ``toolserver keys`` manages its API keys. Cli
 to a manager through the SDK (``--url``, default ``$TOOLSERVER_URL`` or http://127.0.0.1:8080;
 ``--api-key``, default ``$TOOLSERVER_API_KEY``): ``session new | reconnect | close | release``,
 ``sessions``, ``tools``, ``exec``, ``run`` (streamed output), ``shell`` (an interactive terminal),
-``upload``, ``download``, ``download-workspace``.
+``upload``, ``download``, ``download-workspace``; ``mcp`` serves a session's tools to an MCP
+client on stdio.
 """
 
 from __future__ import annotations
@@ -179,6 +180,20 @@ def _build_parser() -> argparse.ArgumentParser:
     download.add_argument("path", metavar="PATH", help="path in the workspace")
     download.add_argument("dest", nargs="?", type=Path, metavar="DEST", help="default: PATH's basename")
 
+    mcp = command("mcp", "serve a session's tools to an MCP client on stdin/stdout", [client])
+    mcp.add_argument(
+        "--session",
+        metavar="NODE_ID",
+        help="attach to this session (left running on exit); default: a new one, released on exit",
+    )
+    mcp.add_argument(
+        "--resource-max-bytes",
+        type=int,
+        default=10 * 1024 * 1024,
+        metavar="N",
+        help="largest workspace file served as a resource (default 10 MiB)",
+    )
+
     workspace = command("download-workspace", "download a session's workspace as a zip file", [client])
     workspace.add_argument("node_id", metavar="NODE_ID")
     workspace.add_argument("dest", type=Path, metavar="DEST.zip")
@@ -191,6 +206,13 @@ def main(argv: list[str] | None = None) -> int:
         from toolserver.client_cli import run
 
         return run(args)
+    if args.command == "mcp":
+        from toolserver.client_cli import resolve_url
+        from toolserver.mcp_server.stdio import run as run_mcp
+
+        return run_mcp(
+            resolve_url(args.url), args.session, args.resource_max_bytes, getattr(args, "api_key", None)
+        )
     if args.command == "node":
         from toolserver.node.server import serve
 

@@ -15,17 +15,21 @@
     │   ├── UnknownSession          no session with that short id (admin API, 404)
     │   ├── InvalidRequest          a bad parameter of a session route (422)
     │   ├── Draining                the manager takes no new sessions (503)
-    │   └── CapacityExceeded        node.max_nodes reached (429, Retry-After)
-    │       └── QuotaExceeded       an API key's quota reached; names the quota (429, Retry-After)
+    │   ├── CapacityExceeded        node.max_nodes reached (429, Retry-After)
+    │   │   └── QuotaExceeded       an API key's quota reached; names the quota (429, Retry-After)
+    │   └── NodeUnavailable         the session's node is not running or does not answer (503/504)
     ├── AccessError                 the caller may not make this request
     │   ├── NotAuthenticated        no API key, or an unknown, revoked or expired one (401)
     │   └── AdminRequired           an admin route called with a user key (403)
+    ├── ResourceError               a workspace file cannot be served as an MCP resource
+    │   └── ResourceTooLarge        larger than mcp.resource_max_bytes
     ├── ToolError                   raised inside a node while running a tool
     │   ├── ToolNotFound            no tool by that name (404)
     │   ├── ToolArgumentError       arguments fail the tool's schema (422)
     │   ├── OutputNotReady          long-running work, fetch later (450)
     │   │   └── ToolTimeout         a tool ran out of time; carries its partial output (450)
     │   ├── WorkspacePathError      a path escapes the workspace (400)
+    │   ├── ToolCancelled           the client went away mid-call; the tool was stopped (499)
     │   └── ToolRegistrationError   a tool cannot be registered (duplicate, bad code)
     └── ClientError                 raised by toolserver.client for an error answer (status_code, body)
         ├── AccessDeniedError       401 no or a bad API key, 403 another key's session or an admin route
@@ -123,6 +127,22 @@ class AdminRequired(AccessError):
     """The route needs an admin key."""
 
 
+class NodeUnavailable(SessionError):
+    """The session's node is not running or did not answer; ``status_code`` is 503 or 504."""
+
+    def __init__(self, message: str, status_code: int = 503) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+class ResourceError(ToolServerError):
+    """A workspace file cannot be served as an MCP resource; the message says why."""
+
+
+class ResourceTooLarge(ResourceError):
+    """The file is larger than ``mcp.resource_max_bytes``."""
+
+
 class ToolError(ToolServerError):
     """An error raised while running a tool inside a node."""
 
@@ -153,6 +173,12 @@ class ToolTimeout(OutputNotReady):
 
 class WorkspacePathError(ToolError):
     status_code = 400
+
+
+class ToolCancelled(ToolError):
+    """The client closed its connection during the call, so the node cancelled the tool."""
+
+    status_code = 499
 
 
 class ToolRegistrationError(ToolError):

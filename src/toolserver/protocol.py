@@ -10,6 +10,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 COOKIE_NAME = "node_id"
 #: Header the manager adds to every forwarded request; the node refuses requests without it.
 SECRET_HEADER = "X-ToolServer-Node-Secret"
+#: Request header by which a client asks the proxy to cancel its call when it disconnects (any value).
+CANCEL_ON_DISCONNECT_HEADER = "X-ToolServer-Cancel-On-Disconnect"
 #: Environment variable through which a runtime hands the secret to the node process.
 SECRET_ENV = "TOOLSERVER_NODE_SECRET"
 #: Seconds the manager asks a client to wait (Retry-After) on 429 and on 503 for a database outage.

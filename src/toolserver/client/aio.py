@@ -235,6 +235,16 @@ class AsyncSession:
                 out.close()
         return dest
 
+    def stream(
+        self, path: str, json: Any = None, headers: dict[str, str] | None = None, method: str = "POST"
+    ) -> contextlib.AbstractAsyncContextManager[httpx.Response]:
+        """Send ``json`` to the session's ``path``; the answer comes unread and unchecked.
+
+        For callers that read the body as it arrives or want every status as it is (the MCP
+        bridge). ``headers`` are added to the session's own.
+        """
+        return self._http.stream(method, path, json=json, headers={**self._headers, **(headers or {})})
+
     # ---- lifecycle ----------------------------------------------------------------------------------
 
     async def reconnect(self) -> None:

@@ -52,6 +52,8 @@ from toolserver.protocol import COOKIE_NAME, RETRY_AFTER_SECONDS, SessionOptions
 from toolserver.runtimes import Runtime, create_runtime
 
 log = logging.getLogger(__name__)
+#: Where the MCP endpoint answers (Streamable HTTP).
+MCP_PATHS = frozenset({"/mcp", "/mcp/"})
 
 
 @asynccontextmanager
@@ -91,6 +93,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = WarmPool(sessions, settings.node.warm_pool_size, settings.node.health_check_interval)
         pool.start()
     app.state.pool = pool
+    mcp = None
+    if settings.mcp.enabled:
+        from toolserver.manager.mcp_http import McpEndpoint
+
+        mcp = McpEndpoint(settings, sessions, proxy, activity)
+        await mcp.start()
+    app.state.mcp = mcp
     # everything loaded so far lives as long as the process: keep it out of the collector's
     # full passes, which otherwise stall the event loop for ~100 ms now and then
     gc.collect()
@@ -109,6 +118,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop = settings.node.on_shutdown == "stop"
         if metrics_site is not None:
             await _step("closing the metrics listener", metrics_site.cleanup())
+        if mcp is not None:  # no client can reach an MCP session's node once this process ends
+            await _step("ending the MCP sessions", mcp.aclose())
         if pool is not None:
             await _step("closing the warm pool", pool.aclose(release=stop))
         if checker_task is not None:
@@ -172,6 +183,7 @@ class ManagerApp(FastAPI):
     its methods; another method gets 405. Bodies of the paths in :attr:`body_limited` (and under
     ``/admin/``) are read here, bounded by ``limits.body_bytes`` (413 beyond). A WebSocket on a
     forwarded GET path (``/terminal``) goes to :mod:`toolserver.manager.ws_proxy`.
+    ``/mcp`` goes to the MCP endpoint, behind the same key check (:mod:`toolserver.manager.mcp_http`).
     """
 
     forwarded: dict[str, frozenset[str]] = {}
@@ -207,6 +219,8 @@ class ManagerApp(FastAPI):
         if kind == "websocket" and methods is not None and "GET" in methods:
             await self.state.ws_proxy.forward(scope, receive, send)
         elif methods is None or kind == "websocket":
+            if kind == "http" and path in MCP_PATHS and self.state.mcp is not None:
+                return await self.state.mcp(scope, receive, send)
             if kind == "http" and (path in self.body_limited or path.startswith("/admin/")):
                 try:
                     body = await limited_body(receive, self.body_limit)
@@ -271,6 +285,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> ManagerApp
     app.state.runtime = runtime
     app.state.metrics = Metrics()
     app.state.keyring = None
+    app.state.mcp = None
     app.body_limit = settings.limits.body_bytes
     server_header = f"ToolServerManager/{settings.version}"
 

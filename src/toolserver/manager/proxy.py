@@ -8,7 +8,9 @@ sent on as soon as it arrives. A streamed answer stops when its client goes away
 sees the client go; while it streams, the session counts as active. Hop-by-hop headers, the
 caller's API key and the manager's own cookie are not forwarded (the node is the agent's: nothing
 that grants access goes there); the node's secret is added. The caller (authenticated in front,
-see :mod:`toolserver.manager.auth`) must own the session or hold an admin key.
+see :mod:`toolserver.manager.auth`) must own the session or hold an admin key. A client that sends
+``X-ToolServer-Cancel-On-Disconnect`` (with a body of at most 64 KiB, a tool call say) has its
+request to the node closed when it goes away before the answer, and the node then stops the tool.
 """
 
 from __future__ import annotations
@@ -23,18 +25,20 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict
 
-from toolserver.errors import DatabaseUnavailable, InvalidSession
+from toolserver.disconnect import disconnected, unless_disconnected
+from toolserver.errors import DatabaseUnavailable, InvalidSession, ToolCancelled
 from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.auth import ANONYMOUS, SCOPE_KEY, Caller
 from toolserver.manager.metrics import Metrics
 from toolserver.manager.sessions import Route, SessionService
-from toolserver.protocol import COOKIE_NAME, RETRY_AFTER_SECONDS, SECRET_HEADER
+from toolserver.protocol import CANCEL_ON_DISCONNECT_HEADER, COOKIE_NAME, RETRY_AFTER_SECONDS, SECRET_HEADER
 from toolserver.runtimes.base import RUNNING
 
 ASGIApp = Any
 Scope = dict[str, Any]
 log = logging.getLogger(__name__)
 
+_CANCEL_ON_DISCONNECT = CANCEL_ON_DISCONNECT_HEADER.lower().encode()
 #: RFC 9110 §7.6.1 connection-specific headers, plus those the proxy sets itself.
 HOP_BY_HOP = frozenset(
     {
@@ -50,6 +54,7 @@ HOP_BY_HOP = frozenset(
         b"proxy-connection",
         b"host",
         SECRET_HEADER.lower().encode(),
+        _CANCEL_ON_DISCONNECT,
     }
 )
 #: Request headers that never reach a node: hop-by-hop ones and the caller's credentials.
@@ -139,12 +144,13 @@ class NodeProxy:
         started = time.perf_counter()
         headers: CIMultiDict[str] = CIMultiDict()
         node_id = None
-        chunked = False
+        chunked = cancellable = False
         length = 0
         for raw_name, raw_value in scope["headers"]:
             name = raw_name.lower()
             if name in NOT_FORWARDED:
                 chunked = chunked or name == b"transfer-encoding"
+                cancellable = cancellable or name == _CANCEL_ON_DISCONNECT
                 continue
             value = raw_value.decode("latin-1")
             if name == b"cookie":
@@ -172,10 +178,14 @@ class NodeProxy:
             else:  # a small body goes out in one write with the request head
                 data = await _read_all(receive) if length else None
                 sent[0] = len(data) if data else 0
-            resp = await self.client.request(
+            request = self.client.request(
                 scope["method"], url, headers=headers, data=data, allow_redirects=False
             )
-        except ConnectionResetError:  # the client went away during its upload
+            if cancellable and not streamed_body:  # the body is read: receive() can only tell a disconnect
+                resp = await unless_disconnected(receive, lambda: request)
+            else:
+                resp = await request
+        except (ConnectionResetError, ToolCancelled):  # the client went away
             return None
         except TimeoutError:
             log.warning("node %s timed out on %s", route.short_id, path)
@@ -203,7 +213,7 @@ class NodeProxy:
                 return await send({"type": "http.response.body", "body": body})
             # a streamed answer (command output, say) may outlive its client: stop reading it then,
             # so that the node sees the client go. (A streamed request body still uses ``receive``.)
-            gone = None if streamed_body else asyncio.ensure_future(_disconnected(receive))
+            gone = None if streamed_body else asyncio.ensure_future(disconnected(receive))
             if gone is not None:
                 gone.add_done_callback(lambda done: done.cancelled() or resp.close())
             try:
@@ -244,12 +254,6 @@ async def _body(receive: Any, sent: list[int] | None = None) -> AsyncIterator[by
             yield chunk
         if not message.get("more_body", False):
             return
-
-
-async def _disconnected(receive: Any) -> None:
-    """Return when the client has gone (the request body, read already, is not looked at)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _read_all(receive: Any) -> bytes:

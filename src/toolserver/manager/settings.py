@@ -96,6 +96,31 @@ class RequestLimits(_Strict):
     body_bytes: int = Field(64 * 1024, ge=1024, description="body of the session and admin routes (413)")
 
 
+class McpSettings(_Strict):
+    """The manager's MCP endpoint, ``/mcp`` (Streamable HTTP; one node per MCP session)."""
+
+    enabled: bool = True
+    session_idle_minutes: float = Field(
+        30, gt=0, description="end an MCP session, and release its node, after this long without requests"
+    )
+    json_response: bool = Field(
+        True,
+        description="answer each request with one JSON body (faster) rather than a server-sent-event "
+        "stream, which carries progress notifications (a shell command's output)",
+    )
+    resource_max_bytes: int = Field(
+        10 * 1024 * 1024, ge=1, description="largest workspace file served as an MCP resource"
+    )
+    allowed_hosts: list[str] | None = Field(
+        None,
+        description="Host headers /mcp accepts (DNS-rebinding protection); default: the loopback names "
+        "while the manager listens on loopback, else any",
+    )
+    allowed_origins: list[str] | None = Field(
+        None, description="Origin headers /mcp accepts from browsers; default as for allowed_hosts"
+    )
+
+
 class RedirectPaths(_Strict):
     post: list[str] = Field(default_factory=lambda: list(DEFAULT_REDIRECT_POST))
     get: list[str] = Field(default_factory=lambda: list(DEFAULT_REDIRECT_GET))
@@ -127,6 +152,7 @@ class Settings(EnvOverYamlSettings):
         60, ge=0, description="while the database is down, serve sessions whose route is known this long"
     )
     node: NodeSettings = Field(default_factory=NodeSettings)
+    mcp: McpSettings = Field(default_factory=McpSettings)
     redirect_to_node_path: RedirectPaths = Field(default_factory=RedirectPaths)
     _ignored_keys: tuple[str, ...] = PrivateAttr(())
 

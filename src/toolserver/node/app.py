@@ -9,7 +9,8 @@ The OpenAPI document is served at ``GET /openapi.json`` (see :mod:`toolserver.no
 Statuses: 400 bad request or path outside the workspace, 401 missing/wrong node secret (HTTP and
 WebSocket alike), 403 registration disabled, 404 unknown tool (or file, or command), 409 a command
 that takes no input or a directory that is not empty, 413 body too large, 422 invalid arguments,
-450 output not ready / timed out (JSON body with ``detail`` and partial output), 500 tool failure.
+450 output not ready / timed out (JSON body with ``detail`` and partial output), 499 the client
+went away and the tool call was cancelled, 500 tool failure.
 Streamed commands (:mod:`toolserver.node.commands`) answer NDJSON; ``/terminal`` is a WebSocket
 (:mod:`toolserver.node.terminal`).
 """
@@ -41,6 +42,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from toolserver import __version__, protocol
+from toolserver.disconnect import unless_disconnected
 from toolserver.errors import OutputNotReady, ToolArgumentError, ToolError
 from toolserver.node.commands import Commands
 from toolserver.node.context import NodeContext
@@ -296,7 +298,9 @@ def create_app(config: NodeConfig) -> Starlette:
                 raise ToolArgumentError(f"'arguments' is a string but not valid JSON: {exc}") from None
             if not isinstance(arguments, dict):
                 raise ToolArgumentError("'arguments' must be a JSON object of argument names to values")
-        result = await registry.execute(req.tool_name, arguments, req.env_name)
+        result = await unless_disconnected(
+            request.receive, lambda: registry.execute(req.tool_name, arguments, req.env_name)
+        )
         return JSONBody(wrap_result(result))
 
     async def register_new_tool(request: Request) -> Response:

@@ -275,7 +275,15 @@ class PythonNotebook(Env):
             else:
                 self.cells[index] = cell
             timeout = self.ctx.config.notebook_timeout
-            outputs, count, status = await self.kernel.execute(code, timeout)
+            try:
+                outputs, count, status = await self.kernel.execute(code, timeout)
+            except asyncio.CancelledError:  # the caller went away: stop the cell, keep the variables
+                import anyio
+
+                with anyio.CancelScope(shield=True):
+                    if not await self.kernel.interrupt():
+                        await self.kernel.stop()
+                raise
             note = None
             if status == "timeout":
                 idle = await self.kernel.interrupt()
