@@ -329,24 +329,26 @@ def run_standalone(settings: Settings) -> int:
         events = SessionEvents(store, lambda owner: owner or "-")
         checker = NodeChecker(SessionService(settings, store, runtime, ActivityBuffer(store), events=events))
         checker.on_tick = tick_observer(events)
+        # signals are handled from the start: a SIGTERM that comes while the record is being
+        # written must still end with the record deleted (unregister only deletes this pid's)
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
         try:
             if not await checker.register():
                 log.error("a checker for manager %s is already running", settings.manager_id)
                 return 1
-            loop = asyncio.get_running_loop()
-            task = asyncio.current_task()
-            assert task is not None
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, task.cancel)
-            try:
-                await checker.run()
-            except asyncio.CancelledError:
-                log.info("checker: stopping on signal")
-            finally:
-                await checker.unregister()
+            await checker.run()
+        except asyncio.CancelledError:
+            log.info("checker: stopping on signal")
         finally:
-            await runtime.aclose()
-            await store.aclose()
+            try:
+                await checker.unregister()
+            finally:
+                await runtime.aclose()
+                await store.aclose()
         return 0
 
     try:
