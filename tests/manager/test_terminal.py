@@ -48,7 +48,13 @@ def test_toolserver_shell_in_tmux(manager: ManagerProcess, session: Session) -> 
         wait_until(lambda: sleeping("4950"), what="the sleep")
         tmux.keys("C-c")  # raw mode: Ctrl-C goes to the remote foreground job
         wait_until(lambda: not sleeping("4950"), what="Ctrl-C to end the sleep")
-        tmux.keys("(exit 5)", "Enter")
+        tmux.keys("echo $((50+5))-ready; (exit 5)", "Enter")
+        # the prompt is back, so the shell reads again: a Ctrl-D typed while the command still
+        # ran would reach no reader and be lost
+        wait_until(
+            lambda: "55-ready" in (screen := tmux.screen()) and screen.rstrip().endswith(("#", "$")),
+            what="the prompt after the command",
+        )
         tmux.keys("C-d")  # Ctrl-D on an empty line ends the remote shell, and the local command
         tmux.wait_for("EXIT=5")  # with the status of the shell's last command, as bash does
     assert session.files.exists("sub")
