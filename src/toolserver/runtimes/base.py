@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo
 
+from toolserver.errors import RuntimeBackendError
 from toolserver.states import NodeHealth, NodeStatus
 
 #: Label/mark keys put on everything a runtime creates.
@@ -38,6 +39,7 @@ LABEL_NODE = "toolserver.node_id"
 
 # the words of toolserver.states, under the names the runtimes use
 RUNNING = NodeStatus.RUNNING
+PAUSED = NodeStatus.PAUSED
 EXITED = NodeStatus.EXITED
 CREATED = NodeStatus.CREATED
 HEALTHY = NodeHealth.HEALTHY
@@ -183,6 +185,28 @@ class Runtime(abc.ABC):
         was cut short (a workspace volume without its container, say), each with a ``state`` that
         :meth:`remove` takes. The manager removes those whose node has no record. None by default."""
         return []
+
+    # --- pause and fork (optional: a runtime that cannot says so in ``capabilities``) ---
+
+    #: What this runtime can do beyond the required methods: ``"pause"`` (freeze a running node
+    #: with its memory, :meth:`pause` / :meth:`resume`) and ``"fork"`` (:meth:`fork`).
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    async def pause(self, state: dict[str, Any]) -> NodeInfo:
+        """Freeze a running node with its memory (Docker's pause, the cgroup freezer); the returned
+        info has status ``paused``. RuntimeBackendError when the runtime cannot pause."""
+        raise RuntimeBackendError(f"runtime {self.name!r} cannot pause a node")
+
+    async def resume(self, state: dict[str, Any]) -> NodeInfo:
+        """Thaw a paused node; its processes and memory are as they were. Resuming a running node
+        is a no-op."""
+        raise RuntimeBackendError(f"runtime {self.name!r} cannot resume a node")
+
+    async def fork(self, state: dict[str, Any], spec: NodeSpec) -> NodeInfo:
+        """Create (not start) a new node from ``spec`` whose workspace starts as a copy of the node of
+        ``state`` (for container runtimes also its filesystem changes); the source keeps running
+        untouched. Memory is not forked."""
+        raise RuntimeBackendError(f"runtime {self.name!r} cannot fork a node")
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release client resources (HTTP pools, Docker sessions)."""
