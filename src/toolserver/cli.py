@@ -242,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "manager":
         from toolserver.manager.server import serve_manager
 
-        serve_manager(settings, log_level=args.log_level)
+        try:
+            serve_manager(settings, log_level=args.log_level)
+        except ConfigError as exc:
+            print(f"toolserver: cannot start the manager: {exc}", file=sys.stderr)
+            return 2
     elif args.command == "nodes":
         from toolserver.manager.listing import print_nodes
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 
 import uvicorn
@@ -10,6 +11,7 @@ from toolserver.logs import configure_logging
 from toolserver.manager.app import create_app
 from toolserver.manager.limits import LimitedHttpToolsProtocol
 from toolserver.manager.settings import Settings
+from toolserver.runtimes import create_runtime
 
 
 def uvicorn_config(settings: Settings, log_level: str = "info") -> uvicorn.Config:
@@ -29,5 +31,17 @@ def uvicorn_config(settings: Settings, log_level: str = "info") -> uvicorn.Confi
     )
 
 
+async def preflight(settings: Settings) -> None:
+    """The chosen runtime's :meth:`~toolserver.runtimes.base.Runtime.preflight` (ConfigError when it
+    cannot run on this machine)."""
+    runtime = create_runtime(settings.runtime_config, settings.runtime_context())
+    try:
+        await runtime.preflight()
+    finally:
+        await runtime.aclose()
+
+
 def serve_manager(settings: Settings, log_level: str = "info") -> None:
+    """Serve the manager; ConfigError (before serving) when its runtime cannot run here."""
+    asyncio.run(preflight(settings))
     uvicorn.Server(uvicorn_config(settings, log_level)).run()

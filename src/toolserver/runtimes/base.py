@@ -186,6 +186,11 @@ class Runtime(abc.ABC):
         :meth:`remove` takes. The manager removes those whose node has no record. None by default."""
         return []
 
+    async def preflight(self) -> None:  # noqa: B027 - optional hook
+        """Check that this runtime can run on this machine; raise ConfigError saying what is missing
+        and which tier would work instead. The manager calls it once before it serves, and refuses
+        to start on failure (it never falls back to a weaker tier by itself)."""
+
     # --- pause and fork (optional: a runtime that cannot says so in ``capabilities``) ---
 
     #: What this runtime can do beyond the required methods: ``"pause"`` (freeze a running node
