@@ -102,6 +102,31 @@ async def unix_health(path: str) -> bool:
             writer.close()
 
 
+def missing_requirements(config: SandboxConfig) -> str | None:
+    """What this machine lacks to run ``config``'s sandboxes (None: nothing). Blocks (it runs bwrap)."""
+    if os.geteuid() != 0:
+        uid = os.geteuid()
+        return f"the manager must run as root to give each node a uid of its own (it runs as uid {uid})"
+    tools = ["bwrap", "setpriv", "prlimit"] + (["pasta"] if config.network == "egress" else [])
+    if config.workspace_bytes is not None:
+        tools += ["mkfs.ext4", "mount", "umount"]
+    absent = [tool for tool in tools if shutil.which(tool) is None]
+    if absent:
+        return "missing " + ", ".join(absent) + " (Debian: bubblewrap, util-linux, passt, e2fsprogs)"
+    probe = [
+        "bwrap", "--unshare-pid", "--unshare-net", "--dev-bind", "/", "/",
+        "setpriv", f"--reuid={config.uid_base}", f"--regid={config.uid_base}", "--clear-groups",
+        "bwrap", "--unshare-user", "--disable-userns", "--dev-bind", "/", "/", "true",
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(probe, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"bubblewrap cannot run: {exc}"
+    if done.returncode:
+        return f"bubblewrap cannot make namespaces (user namespaces disabled?): {done.stderr.strip()}"
+    return None
+
+
 class SandboxRuntime(ProcessRuntime):
     name = "sandbox"
     config_model = SandboxConfig
@@ -117,33 +142,13 @@ class SandboxRuntime(ProcessRuntime):
     # ---- checks -------------------------------------------------------------------------------------
 
     async def preflight(self) -> None:
-        missing = await asyncio.to_thread(self._missing)
+        missing = await asyncio.to_thread(missing_requirements, self.config)
         if missing:
             raise ConfigError(
                 f"isolation 'sandbox' cannot run here: {missing}. Install it (scripts/ensure-sandbox.sh), "
                 "or choose isolation: docker (needs a Docker Engine) or, for development only, "
                 "isolation: process (nodes not isolated)"
             )
-
-    def _missing(self) -> str | None:
-        if os.geteuid() != 0:
-            uid = os.geteuid()
-            return f"the manager must run as root to give each node a uid of its own (it runs as uid {uid})"
-        tools = ["bwrap", "setpriv"] + (["pasta"] if self.config.network == "egress" else [])
-        if self.config.workspace_bytes is not None:
-            tools += ["mkfs.ext4", "mount", "umount"]
-        absent = [tool for tool in tools if shutil.which(tool) is None]
-        if absent:
-            return "missing " + ", ".join(absent) + " (Debian: bubblewrap, util-linux, passt, e2fsprogs)"
-        probe = [
-            "bwrap", "--unshare-pid", "--unshare-net", "--dev-bind", "/", "/",
-            "setpriv", f"--reuid={self.config.uid_base}", f"--regid={self.config.uid_base}", "--clear-groups",
-            "bwrap", "--unshare-user", "--disable-userns", "--dev-bind", "/", "/", "true",
-        ]  # fmt: skip
-        done = subprocess.run(probe, capture_output=True, text=True, timeout=30)
-        if done.returncode:
-            return f"bubblewrap cannot make namespaces (user namespaces disabled?): {done.stderr.strip()}"
-        return None
 
     # ---- files --------------------------------------------------------------------------------------
 
