@@ -238,22 +238,30 @@ class SandboxRuntime(ProcessRuntime):
             raise RuntimeBackendError(f"cannot prepare node {node_id}: {exc}") from exc
         env = node_env({**self.extra_env, **spec_env, SECRET_ENV: secret, MARK_ENV: node_id})
         logfile = await asyncio.to_thread(open, node_dir / "node.log", "ab")
+        # the outer bwrap reads its options from a pipe: in a command line the node would see them
+        options_r, options_w = os.pipe()
         try:
+            argv, options = self.sandbox_command(sock.fileno(), node_dir, int(mark["uid"]), procs, options_r)
+            os.write(options_w, b"\0".join(o.encode() for o in options) + b"\0")  # far below a pipe's 64 KiB
+            os.close(options_w)
             proc = await asyncio.create_subprocess_exec(
-                *self.sandbox_command(sock.fileno(), node_dir, int(mark["uid"]), procs),
+                *argv,
                 env=env,
                 cwd=str(node_dir),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=logfile,
                 stderr=logfile,
                 start_new_session=True,
-                pass_fds=(sock.fileno(),),
+                pass_fds=(sock.fileno(), options_r),
             )
         except OSError as exc:
             raise RuntimeBackendError(f"cannot start the sandbox: {exc}") from exc
         finally:
             logfile.close()
             sock.close()  # the node holds its own copy
+            os.close(options_r)
+            with contextlib.suppress(OSError):
+                os.close(options_w)
         self._children[node_id] = proc
         self._healthy_once.discard(node_id)
         try:
@@ -264,6 +272,20 @@ class SandboxRuntime(ProcessRuntime):
         await asyncio.to_thread(self._write_mark, node_dir, mark)
         state.update(node_id=node_id, dir=str(node_dir), pid=proc.pid)
         return self._info(mark, RUNNING, STARTING)
+
+    async def stop(self, state: dict[str, Any], grace: float = 5.0) -> None:
+        """Stop the node; its cgroups go and its workspace is unmounted (both come back at start)."""
+        await super().stop(state, grace)
+        node_dir = self._dir(state)
+
+        def release() -> None:
+            self._cgroup(node_dir.name).remove()
+            unmount_disk(node_dir / "disk")
+
+        try:
+            await asyncio.to_thread(release)
+        except OSError as exc:
+            raise RuntimeBackendError(f"cannot release the resources of node {node_dir.name}: {exc}") from exc
 
     async def remove(self, state: dict[str, Any]) -> None:
         """Kill the node, delete its cgroups, unmount and delete its directory, give its uid back."""
@@ -328,8 +350,11 @@ class SandboxRuntime(ProcessRuntime):
             raise
         return sock
 
-    def sandbox_command(self, fd: int, node_dir: Path, uid: int, cgroup_procs: list[str]) -> list[str]:
-        """join the cgroups → rlimits → [pasta] → outer bwrap → setpriv → inner bwrap → node."""
+    def sandbox_command(
+        self, fd: int, node_dir: Path, uid: int, cgroup_procs: list[str], options_fd: int
+    ) -> tuple[list[str], list[str]]:
+        """join the cgroups → rlimits → [pasta] → outer bwrap → setpriv → inner bwrap → node: the
+        command line, and the outer bwrap's options, which it reads from ``options_fd``."""
         egress = self.config.network == "egress"
         argv = ["/bin/sh", "-c", _JOIN_CGROUPS, "sh", str(len(cgroup_procs)), *cgroup_procs]
         limits = self.context.resources
@@ -339,8 +364,8 @@ class SandboxRuntime(ProcessRuntime):
             argv += ["pasta", "--runas", "0", "--config-net", "-T", "none", "-U", "none", "--no-map-gw"]
             argv += ["--netns-only", "-q", "--"]
         top = node_dir / "disk"
-        argv += ["bwrap"]
-        argv += outer_args(
+        argv += ["bwrap", "--args", str(options_fd)]
+        options = outer_args(
             workspace=top / "workspace",
             state=top / "state",
             etc=self.etc,
@@ -352,7 +377,7 @@ class SandboxRuntime(ProcessRuntime):
         argv += [sys.executable, "-m", "toolserver", "node", "--fd", str(fd), "--workspace", "/workspace"]
         if self.node_config:
             argv += ["--config", NODE_CONFIG]
-        return argv
+        return argv, options
 
     def _alive(self, mark: dict[str, Any]) -> psutil.Process | None:
         """The node's process, if it still runs: same pid, same start time, in the node's cgroup."""
