@@ -72,6 +72,9 @@ UID_CLAIMS = Path("/run/toolserver/sandbox-uids")
 #: where sockets go whose path under a long data_dir would be too long
 SHORT_SOCKET_DIR = Path("/run/toolserver/sockets")
 HEALTH_TIMEOUT = 1.0
+#: the node setting ``offline``: what its web tools answer with ``network: none``
+OFFLINE_ENV = "TOOLSERVER_NODE_OFFLINE"
+OFFLINE_REASON = "runtime_config.network is 'none' (loopback only); set it to 'egress' for the web"
 #: ``sh -c`` script: write its own pid into the N cgroup.procs files given first, then exec the rest
 _JOIN_CGROUPS = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1"; shift; n=$((n-1)); done; exec "$@"'
 
@@ -237,6 +240,8 @@ class SandboxRuntime(ProcessRuntime):
         except OSError as exc:
             raise RuntimeBackendError(f"cannot prepare node {node_id}: {exc}") from exc
         env = node_env({**self.extra_env, **spec_env, SECRET_ENV: secret, MARK_ENV: node_id})
+        if self.config.network == "none":
+            env[OFFLINE_ENV] = OFFLINE_REASON
         logfile = await asyncio.to_thread(open, node_dir / "node.log", "ab")
         # the outer bwrap reads its options from a pipe: in a command line the node would see them
         options_r, options_w = os.pipe()
