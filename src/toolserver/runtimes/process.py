@@ -155,6 +155,12 @@ class ProcessRuntime(Runtime):
         self._reaped: set[tuple[str, int]] = set()
         self._http = httpx.AsyncClient(timeout=HEALTH_TIMEOUT, trust_env=False)
 
+    async def preflight(self) -> None:
+        log.warning(
+            "isolation 'process': nodes are NOT isolated (they run as the manager's user and can read "
+            "its database, data directory and every other node); use it only for development"
+        )
+
     # ---- files --------------------------------------------------------------------------------------
 
     def _dir(self, state: dict[str, Any]) -> Path:
