@@ -247,8 +247,10 @@ class SandboxRuntime(ProcessRuntime):
         options_r, options_w = os.pipe()
         try:
             argv, options = self.sandbox_command(sock.fileno(), node_dir, int(mark["uid"]), procs, options_r)
-            os.write(options_w, b"\0".join(o.encode() for o in options) + b"\0")  # far below a pipe's 64 KiB
-            os.close(options_w)
+            try:
+                os.write(options_w, b"\0".join(o.encode() for o in options) + b"\0")  # far below 64 KiB
+            finally:
+                os.close(options_w)  # exactly once: a second close could hit another thread's new file
             proc = await asyncio.create_subprocess_exec(
                 *argv,
                 env=env,
@@ -265,8 +267,6 @@ class SandboxRuntime(ProcessRuntime):
             logfile.close()
             sock.close()  # the node holds its own copy
             os.close(options_r)
-            with contextlib.suppress(OSError):
-                os.close(options_w)
         self._children[node_id] = proc
         self._healthy_once.discard(node_id)
         try:
