@@ -172,7 +172,7 @@ def _figures(
         runtime, "bare `docker run`"
     )
     hits = sum(1 for s in warm if s.hit)
-    bare_ref = f"{bare_what} → /health p50 {_ms(b, 'p50')}"
+    bare_ref = f"{bare_what}{'' if runtime == 'sandbox' else ' → /health'} p50 {_ms(b, 'p50')}"
     limit = cold_limit if cold_limit is not None else COLD_TARGET_MS.get(runtime, float("nan"))
     cold_target = f"≤ {limit:.0f} ms" + (" (process p50 + 100 ms)" if runtime == "sandbox" else "")
     rows = [
