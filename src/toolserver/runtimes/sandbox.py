@@ -191,7 +191,7 @@ class SandboxRuntime(ProcessRuntime):
             self._write_mark(node_dir, mark)  # first: from now on list() reports the node
             top = node_dir / "disk"
             if size is not None:
-                make_disk(node_dir / "workspace.img", top, size, uid)
+                make_disk(node_dir / "workspace.img", top, size, self.etc)
             else:
                 top.mkdir()
             for sub in ("workspace", "state"):
