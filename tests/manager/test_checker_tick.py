@@ -141,7 +141,9 @@ async def test_tick_tolerates_a_record_released_under_it(tmp_path: Path) -> None
 
 
 async def test_tick_leaves_a_create_handed_over_under_it(tmp_path: Path) -> None:
-    settings = load_settings(None, **scratch_config(tmp_path), isolation="process", manager_id="handover-test")
+    settings = load_settings(
+        None, **scratch_config(tmp_path), isolation="process", manager_id="handover-test"
+    )
     store = ChangingStore(settings.database_url)
     await store.migrate()
     runtime = create_runtime(settings.runtime_config, settings.runtime_context())
