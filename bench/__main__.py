@@ -30,6 +30,7 @@ from bench import (
     report,
     session_ready,
     streaming,
+    upstream,
 )
 from bench.common import DOCS_DIR, RESULTS_DIR, Context, Outcome
 from bench.procs import cleanup_all, install_signal_handlers
@@ -39,6 +40,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     for m in (
         session_ready,
         proxy,
+        upstream,
         mcp,
         streaming,
         first_byte,
