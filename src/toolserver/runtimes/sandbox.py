@@ -72,6 +72,8 @@ UID_CLAIMS = Path("/run/toolserver/sandbox-uids")
 #: where sockets go whose path under a long data_dir would be too long
 SHORT_SOCKET_DIR = Path("/run/toolserver/sockets")
 HEALTH_TIMEOUT = 1.0
+#: the sandbox's own processes around a node
+_WRAPPERS = frozenset({"bwrap", "pasta", "pasta.avx2", "sh", "prlimit", "setpriv"})
 #: the node setting ``offline``: what its web tools answer with ``network: none``
 OFFLINE_ENV = "TOOLSERVER_NODE_OFFLINE"
 OFFLINE_REASON = "runtime_config.network is 'none' (loopback only); set it to 'egress' for the web"
@@ -464,13 +466,19 @@ class SandboxRuntime(ProcessRuntime):
 
     @staticmethod
     def _signal_node(cgroup: NodeCgroup, proc: psutil.Process, sig: int) -> None:
-        """``sig`` to the node's own processes, not to the sandbox's bwrap, pasta and shell wrappers,
-        which would kill the node at once instead of letting it shut down."""
-        pids = cgroup.pids() or [p.pid for p in [proc, *proc.children(recursive=True)]]
-        for pid in pids:
+        """``sig`` to the node's server only, as ``docker stop`` signals a container's first process:
+        the first process below the sandbox's own wrappers (bwrap, pasta, ...), which would kill the
+        node at once instead of letting it shut down, and whose children (a running command) are the
+        node's to stop."""
+        try:
+            tree = [proc, *proc.children(recursive=True)]
+        except psutil.Error:
+            return
+        for child in tree:
             with contextlib.suppress(psutil.Error, ProcessLookupError):
-                if psutil.Process(pid).name() not in ("bwrap", "pasta", "pasta.avx2", "sh"):
-                    os.kill(pid, sig)
+                parent = child.parent()
+                if child.name() not in _WRAPPERS and parent is not None and parent.name() in _WRAPPERS:
+                    child.send_signal(sig)
 
     async def _reap(self, dead: list[dict[str, Any]]) -> None:
         """Kill what is left in the cgroups of dead nodes, once per death."""
