@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 run: venv
+	bash scripts/ensure-sandbox.sh
 	$(BIN)/toolserver manager --config $(CONFIG)
 
 # Starts dockerd when it is not running and builds the node image the Docker tests need.
@@ -27,6 +28,7 @@ node-image: venv
 	bash scripts/build-node-image.sh
 
 test: venv docker-ready
+	bash scripts/ensure-sandbox.sh
 	bash scripts/ensure-postgres.sh
 	bash scripts/ensure-tmux.sh
 	bash scripts/ensure-chromium.sh
@@ -36,6 +38,7 @@ test: venv docker-ready
 
 # The suite without Docker (for machines without a Docker Engine).
 test-fast: venv
+	bash scripts/ensure-sandbox.sh
 	bash scripts/ensure-tmux.sh
 	$(BIN)/pytest -m "not docker"
 

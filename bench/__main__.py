@@ -31,6 +31,7 @@ from bench import (
     report,
     session_ready,
     streaming,
+    upstream,
 )
 from bench.common import DOCS_DIR, RESULTS_DIR, Context, Outcome
 from bench.procs import cleanup_all, install_signal_handlers
@@ -41,6 +42,7 @@ BENCHMARKS: dict[str, ModuleType] = {
         session_ready,
         proxy,
         keycheck,
+        upstream,
         mcp,
         streaming,
         first_byte,

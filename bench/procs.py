@@ -30,11 +30,23 @@ _roots: list[Path] = []
 _docker_managers: list[str] = []
 
 
-def spawn(argv: list[str], log: Path, env: dict[str, str] | None = None, cwd: Path | None = None) -> Any:
-    """Start a registered subprocess writing to ``log``."""
+def spawn(
+    argv: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    pass_fds: tuple[int, ...] = (),
+) -> Any:
+    """Start a registered subprocess writing to ``log`` (inheriting the descriptors ``pass_fds``)."""
     with log.open("ab") as out:
         proc = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=cwd
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            pass_fds=pass_fds,
         )
     _procs.append(proc)
     return proc

@@ -10,7 +10,10 @@ a separate process: asyncio + httptools, closed loop, keep-alive connections):
 * *manager*: the manager's port with the session cookie (``auth: none``);
 * *manager + key*: a second worker process of the same manager (same database, same node) with
   ``auth: api_keys``, the session cookie and ``Authorization: Bearer <key>``; the session was
-  opened with that (user) key, so every request passes the key check and the owner check.
+  opened with that (user) key, so every request passes the key check and the owner check;
+* *manager, Unix socket*: a second manager on the ``sandbox`` tier, whose node serves on a Unix
+  socket (in a network namespace of its own): the same requests through the proxy over the socket.
+  *Unix socket vs TCP* is its p50 latency and throughput against *manager*'s, same run.
 
 Two requests: *small*, ``execute_tool`` of ``calculator("6*7")`` (59-byte body, answer ``42``);
 *1 KB echo*, ``calculator`` of a 1,024-digit integer literal, which answers the same 1,024 digits
@@ -36,6 +39,7 @@ from bench.common import Context, Figure, Outcome, at_least, at_most
 from bench.loadgen import build_request, compare, run_in_subprocess
 from bench.nginx import Nginx, ensure_nginx
 from bench.procs import Manager
+from toolserver.testing.tiers import PROCESS, SANDBOX
 
 NAME = "proxy"
 TITLE = "Proxy overhead"
@@ -45,10 +49,11 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "1 KB echo": {"tool_name": "calculator", "arguments": {"expression": ECHO_DIGITS}},
 }
 EXPECTED = {"small": "42", "1 KB echo": ECHO_DIGITS}
-TARGETS = ("direct", "nginx", "manager", "manager + key")
+TARGETS = ("direct", "nginx", "manager", "manager + key", "manager, Unix socket")
 ADDED_P50_MS = 1.0
 KEY_CHECK_P50_MS = 0.1
 THROUGHPUT_RATIO = 0.5
+SOCKET_VS_TCP = 0.10
 
 
 class Endpoints:
@@ -138,6 +143,19 @@ def _figures(results: dict[str, Any]) -> list[Figure]:
                     at_most(key_added, KEY_CHECK_P50_MS) if conc == "1" else None,
                 )
             )
+            tcp, unix = lat["manager"]["p50"], lat["manager, Unix socket"]["p50"]
+            slower = (unix - tcp) / tcp if tcp else float("nan")
+            rows.append(
+                Figure(
+                    NAME,
+                    f"{workload}, c={conc}: Unix-socket node vs TCP node, p50 latency",
+                    100 * slower,
+                    "%",
+                    f"TCP (process node) {tcp:.3f} ms, Unix socket (sandbox node) {unix:.3f} ms",
+                    f"≤ {100 * SOCKET_VS_TCP:g}%",
+                    at_most(slower, SOCKET_VS_TCP),
+                )
+            )
             rps = {t: cell[t]["rps_mean"] for t in TARGETS}
             ratio = rps["manager"] / rps["nginx"] if rps["nginx"] else float("nan")
             has_target = conc == "64"
@@ -151,7 +169,7 @@ def _figures(results: dict[str, Any]) -> list[Figure]:
                     f"with a key {rps['manager + key']:,.0f} req/s",
                     "≥ 50% of nginx" if has_target else "",
                     at_least(ratio, THROUGHPUT_RATIO) if has_target else None,
-                    note=f"{100 * ratio:.0f}% of nginx",
+                    note=f"{100 * ratio:.0f}% of nginx; Unix-socket node {rps[TARGETS[-1]]:,.0f} req/s",
                 )
             )
     return rows
@@ -167,7 +185,9 @@ def _profile_manager(ends: Endpoints, manager: Manager, ctx: Context) -> dict[st
 
 def _keyed_worker(root: Any, manager: Manager, node: dict[str, Any]) -> Manager:
     """A second worker of ``manager`` (same database and manager id) that requires API keys."""
-    return Manager(root / "manager-keys", node=node, auth="api_keys").share_with(manager)
+    return Manager(root / "manager-keys", node=node, auth="api_keys", **PROCESS.manager_config()).share_with(
+        manager
+    )
 
 
 def run(ctx: Context) -> Outcome:
@@ -175,7 +195,12 @@ def run(ctx: Context) -> Outcome:
     binary, why = ensure_nginx()
     root = ctx.workdir / "proxy"
     node = {"health_check_interval": 1.0}
-    with Manager(root / "manager", node=node) as manager, _keyed_worker(root, manager, node) as keyed:
+    tcp = PROCESS.manager_config()
+    with (
+        Manager(root / "manager", node=node, **tcp) as manager,
+        _keyed_worker(root, manager, node) as keyed,
+        Manager(root / "manager-sandbox", node=node, **SANDBOX.manager_config()) as sandboxed,
+    ):
         key = manager.create_key("bench", "user", max_sessions=0, starts_per_minute=0)
         with httpx.Client(base_url=keyed.url, trust_env=False, timeout=120) as http:
             cookie = http.post("/get_cookie", headers={"Authorization": f"Bearer {key}"}).cookies["node_id"]
@@ -186,6 +211,9 @@ def run(ctx: Context) -> Outcome:
         ends.add(
             "manager + key", keyed.port, {"Cookie": f"node_id={cookie}", "Authorization": f"Bearer {key}"}
         )
+        with httpx.Client(base_url=sandboxed.url, trust_env=False, timeout=120) as http:
+            unix_cookie = http.post("/get_cookie").cookies["node_id"]
+        ends.add("manager, Unix socket", sandboxed.port, {"Cookie": f"node_id={unix_cookie}"})
         if binary is None:
             outcome.notes.append(f"nginx reference skipped: {why}")
             return outcome

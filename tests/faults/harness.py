@@ -45,9 +45,14 @@ def session_headers(node_id: str) -> dict[str, str]:
     return {"Cookie": f"node_id={node_id}"}
 
 
+#: the tiers this harness can look into (see FaultManager.runtime_nodes); sandbox not yet
+HARNESS_TIERS = ("process", "docker")
+
+
 def tier_params(*names: str) -> list[Any]:
-    """The tiers of :mod:`toolserver.testing.tiers` (those named, or all) as pytest params."""
-    return [t.param() for t in tiers() if not names or t.name in names]
+    """The tiers of :mod:`toolserver.testing.tiers` (those named, or all the harness knows) as
+    pytest params."""
+    return [t.param() for t in tiers() if t.name in (names or HARNESS_TIERS)]
 
 
 class FaultManager(ManagerProcess):

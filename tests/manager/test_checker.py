@@ -48,7 +48,8 @@ def test_requests_keep_a_node_alive(manager_factory: Callable[..., ManagerProces
 def test_vanished_node_record_is_deleted_and_orphan_removed(
     manager_factory: Callable[..., ManagerProcess],
 ) -> None:
-    manager = manager_factory(node={"health_check_interval": 0.1})
+    # removes a node's process and directory by hand, as only the process tier lets one
+    manager = manager_factory(isolation="process", node={"health_check_interval": 0.1})
     with ToolServerClient(manager.url) as client:
         gone = client.get_cookie()
         orphan = client.get_cookie()

@@ -45,7 +45,7 @@ def _record(manager_id: str, status: str, ownership: Ownership, **fields: Any) -
 
 @pytest.fixture
 async def parts(tmp_path: Path) -> AsyncIterator[tuple[Settings, Store, Runtime]]:
-    settings = load_settings(None, **scratch_config(tmp_path), manager_id="worker-test")
+    settings = load_settings(None, **scratch_config(tmp_path), isolation="process", manager_id="worker-test")
     store = await open_store(settings.database_url)
     runtime = create_runtime(settings.runtime_config, settings.runtime_context())
     try:
@@ -110,7 +110,7 @@ class ChangingStore(Store):
 
 
 async def test_tick_tolerates_a_record_released_under_it(tmp_path: Path) -> None:
-    settings = load_settings(None, **scratch_config(tmp_path), manager_id="vanish-test")
+    settings = load_settings(None, **scratch_config(tmp_path), isolation="process", manager_id="vanish-test")
     store = ChangingStore(settings.database_url)
     await store.migrate()
     runtime = create_runtime(settings.runtime_config, settings.runtime_context())
@@ -141,7 +141,9 @@ async def test_tick_tolerates_a_record_released_under_it(tmp_path: Path) -> None
 
 
 async def test_tick_leaves_a_create_handed_over_under_it(tmp_path: Path) -> None:
-    settings = load_settings(None, **scratch_config(tmp_path), manager_id="handover-test")
+    settings = load_settings(
+        None, **scratch_config(tmp_path), isolation="process", manager_id="handover-test"
+    )
     store = ChangingStore(settings.database_url)
     await store.migrate()
     runtime = create_runtime(settings.runtime_config, settings.runtime_context())

@@ -53,8 +53,8 @@ async def test_two_managers_on_one_database_never_share_a_node(
         assert [r.status_code for r in answers] == [200] * 8
         cookies = [r.cookies["node_id"] for r in answers]
         assert len(set(cookies)) == 8
-        ports = {first.node(c)["port"] for c in cookies}
-        assert len(ports) == 8
+        addresses = {(first.node(c)["ip"], first.node(c)["port"]) for c in cookies}
+        assert len(addresses) == 8
         for c in cookies:
             await http.post(f"{first.url}/release_session", headers={"Cookie": f"node_id={c}"})
     second.stop()

@@ -50,7 +50,8 @@ async def upstream() -> AsyncIterator[int]:
 async def test_what_reaches_the_node_and_what_comes_back(
     manager_factory: Callable[..., ManagerProcess], upstream: int
 ) -> None:
-    manager = manager_factory(auth="api_keys", builtin_monitor=False)
+    # points the node's record at a TCP listener of the test's: the process tier's address kind
+    manager = manager_factory(auth="api_keys", builtin_monitor=False, isolation="process")
     key = manager.create_key("alice", "user")
     auth = {"Authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(base_url=manager.url, trust_env=False, timeout=60) as http:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -127,7 +128,8 @@ def test_unknown_or_missing_node_id(manager: ManagerProcess, path: str) -> None:
     assert requests.get(manager.url + "/alive").json() == "alive"
 
 
-def test_node_killed_is_seen_and_answers_503(manager: ManagerProcess) -> None:
+def test_node_killed_is_seen_and_answers_503(manager_factory: Callable[..., ManagerProcess]) -> None:
+    manager = manager_factory(isolation="process")  # kills the node's process, counts marked ones
     with ToolServerClient(manager.url) as client, client.session() as session:
         record = manager.node(session.node_id)
         session.execute_tool("shell_command_executor", {"command": "sleep 300", "run_async": True})
@@ -152,7 +154,8 @@ def test_node_killed_is_seen_and_answers_503(manager: ManagerProcess) -> None:
         assert node.pid == manager.node_processes()[0].pid
 
 
-def test_node_port_is_useless_without_the_secret(manager: ManagerProcess) -> None:
+def test_node_port_is_useless_without_the_secret(manager_factory: Callable[..., ManagerProcess]) -> None:
+    manager = manager_factory(isolation="process")  # a TCP port (sandbox nodes: a root-only socket)
     with ToolServerClient(manager.url) as client, client.session() as session:
         record = manager.node(session.node_id)
         direct = httpx.post(

@@ -15,7 +15,7 @@ from toolserver.errors import ConfigError
 from toolserver.manager.settings import load_settings
 from toolserver.runtimes.base import NodeSpec
 from toolserver.runtimes.docker_config import DockerConfig, NodeTemplate
-from toolserver.runtimes.process import ProcessConfig
+from toolserver.runtimes.sandbox_config import SandboxConfig
 
 XAGENT_MANAGER_YML = """
 version: "0.3"
@@ -44,9 +44,9 @@ def test_xagent_manager_yml_is_accepted(tmp_path: Path, monkeypatch: pytest.Monk
     settings = load_settings(path)
     assert settings.version == "0.3"
     assert settings.redirect_to_node_path.post == ["/execute_tool", "/upload_file"]
-    assert settings.isolation == settings.runtime == "process"
-    assert settings.runtime_config == ProcessConfig()
-    # the process runtime has no use for Docker's keys, as before; the manager says so at startup
+    assert settings.isolation == settings.runtime == "sandbox"  # the default tier
+    assert settings.runtime_config == SandboxConfig()
+    # the sandbox runtime has no use for Docker's keys, as the process one before; the manager says so
     assert settings.ignored_keys == ("node.creation_kwargs", "node.port")
     assert settings.database_url.startswith("sqlite+aiosqlite:///")
     assert settings.host == "127.0.0.1"
@@ -195,7 +195,8 @@ def test_manager_with_xagent_docker_keys_serves_on_the_process_runtime(
     manager_factory: Callable[..., ManagerProcess],
 ) -> None:
     manager = manager_factory(
-        node={"port": 31942, "creation_kwargs": {"network": "tool-server-network"}, "device_requests": None}
+        isolation="process",
+        node={"port": 31942, "creation_kwargs": {"network": "tool-server-network"}, "device_requests": None},
     )
     with ToolServerClient(manager.url) as client, client.session() as session:
         assert "42" in str(session.execute_tool("calculator", {"expression": "6*7"}))

@@ -43,7 +43,8 @@ async def test_concurrent_sessions_are_isolated(mcp_manager: ManagerProcess) -> 
             )
             await anyio.sleep(0.5)  # both sessions live at once
             files = {r.name for r in (await client.list_resources()).resources}
-            where = await client.call_tool("shell_command_executor", {"command": "pwd"})
+            # the workspace's identity (device and inode): sandboxed nodes all call theirs /workspace
+            where = await client.call_tool("shell_command_executor", {"command": "stat -c %d:%i ."})
             seen[name] = files | {where.structured_content["output"].strip()}
 
     seen: dict[str, set[str]] = {}

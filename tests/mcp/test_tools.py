@@ -12,8 +12,7 @@ import httpx
 from mcp import Client, types
 
 from tests.mcp.conftest import PNG_CELL, png_signature, session_nodes
-from tests.support import ManagerProcess, wait_until
-from toolserver.testing import processes_under
+from tests.support import ManagerProcess, sleeping, wait_until
 
 
 def _text(result: types.CallToolResult) -> str:
@@ -81,16 +80,17 @@ async def test_cancelled_call_kills_its_command(
     seconds = f"{70 + secrets.randbelow(20)}.{secrets.randbelow(1000):03d}"
     command = f"sleep {seconds}; touch late-{token}"
 
-    def sleeping() -> list[object]:
-        return [p for p in processes_under(mcp_manager.data_dir) if p.cmdline() == ["sleep", seconds]]
+    def running() -> list[object]:
+        # machine-wide (no one else sleeps this long): a sandboxed node's cwd is its own /workspace
+        return sleeping(seconds)
 
     async with connect() as client:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(client.call_tool, "shell_command_executor", {"command": command})
-            await anyio.to_thread.run_sync(lambda: wait_until(sleeping, timeout=30, what="the command runs"))
+            await anyio.to_thread.run_sync(lambda: wait_until(running, timeout=30, what="the command runs"))
             tasks.cancel_scope.cancel()  # the SDK sends notifications/cancelled
         await anyio.to_thread.run_sync(
-            lambda: wait_until(lambda: not sleeping(), timeout=15, what="the cancelled command killed")
+            lambda: wait_until(lambda: not running(), timeout=15, what="the cancelled command killed")
         )
         check = {"command": f"ls late-{token} || echo none"}
         result = await client.call_tool("shell_command_executor", check)

@@ -172,6 +172,8 @@ class NodeChecker:
                 report.events.append((node, "died", info.detail or f"status {info.status}"))
             fields.update(status=info.status, status_changed_at=now, detail=info.detail)
             node.status_changed_at = now
+        elif info.detail and info.detail != node.detail:  # a limit a running node ran into (OOMKilled)
+            fields["detail"] = info.detail
         if info.health != node.health:
             fields["health"] = info.health
         if info.running and (info.host, info.port) != (node.ip, node.port):

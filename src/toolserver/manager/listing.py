@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from toolserver.manager.models import ToolServerNode, utcnow
 from toolserver.manager.settings import Settings
 from toolserver.manager.store import Store
+from toolserver.runtimes.base import UNIX_PREFIX
 
 #: How many characters of a session id (the cookie) the listing shows.
 ID_PREFIX = 8
@@ -49,7 +50,7 @@ def redacted(node: ToolServerNode, now: datetime) -> dict[str, Any]:
         "manager_id": node.manager_id,
         "status": node.status,
         "health": node.health,
-        "address": f"{node.ip}:{node.port}",
+        "address": node.ip if node.ip.startswith(UNIX_PREFIX) else f"{node.ip}:{node.port}",
         "pooled": node.pooled,
         "ownership": node.ownership,
         "created_at": node.created_at.isoformat() + "Z",

@@ -58,6 +58,7 @@ from toolserver.manager.models import STOPPED_STATUSES
 from toolserver.manager.proxy import NodeProxy, send_json
 from toolserver.manager.sessions import SessionService
 from toolserver.manager.settings import Settings
+from toolserver.manager.upstream import node_url
 from toolserver.mcp_server.sandbox import NodeStream, Sandbox
 from toolserver.mcp_server.server import build_server
 from toolserver.protocol import RETRY_AFTER_SECONDS, SECRET_HEADER
@@ -113,7 +114,7 @@ class NodeSandbox(Sandbox):
             # the proxy's words, so that Sandbox.post restarts a node the checker stopped
             raise NodeUnavailable(f"node is not running: {route.short_id} ({route.status})")
         self.activity.touch(route.node_id)
-        url = f"http://{route.host}:{route.port}{path}"
+        url = node_url(self.proxy.client, route.host, route.port, path)
         try:
             async with self.proxy.client.request(
                 method, url, json=payload, headers={SECRET_HEADER: route.secret}

@@ -31,6 +31,7 @@ from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.auth import ANONYMOUS, SCOPE_KEY, Caller
 from toolserver.manager.metrics import Metrics
 from toolserver.manager.sessions import Route, SessionService
+from toolserver.manager.upstream import NodeConnector, node_url
 from toolserver.protocol import CANCEL_ON_DISCONNECT_HEADER, COOKIE_NAME, RETRY_AFTER_SECONDS, SECRET_HEADER
 from toolserver.runtimes.base import RUNNING
 
@@ -110,7 +111,7 @@ class NodeProxy:
         self.timeout = timeout
         self.metrics = metrics or sessions.metrics
         self.client = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, ttl_dns_cache=None),
+            connector=NodeConnector(limit=max_connections, limit_per_host=0, ttl_dns_cache=None),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=timeout),
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
@@ -166,7 +167,7 @@ class NodeProxy:
         headers[SECRET_HEADER] = route.secret
         if scope.get("client"):
             headers["X-Forwarded-For"] = scope["client"][0]
-        url = f"http://{route.host}:{route.port}{scope['path']}"
+        url = node_url(self.client, route.host, route.port, scope["path"])
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
         path = scope["path"]

@@ -39,7 +39,7 @@ from toolserver.protocol import DEFAULT_REDIRECT_GET, DEFAULT_REDIRECT_POST
 from toolserver.runtimes.base import ResourceLimits, RuntimeConfig, RuntimeContext
 from toolserver.runtimes.registry import runtime_class, validate_config
 
-DEFAULT_ISOLATION = "process"
+DEFAULT_ISOLATION = "sandbox"
 #: Keys of XAgent's manager.yml under ``node`` that belong to a runtime (Docker's).
 XAGENT_RUNTIME_KEYS = (
     "image",

@@ -19,6 +19,7 @@ import aiohttp
 
 from toolserver.manager.proxy import NodeProxy, send_json, session_cookie
 from toolserver.manager.sessions import Route
+from toolserver.manager.upstream import node_url
 from toolserver.protocol import SECRET_HEADER
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class WebSocketProxy:
             return None
         if (await receive())["type"] != "websocket.connect":
             return None
-        url = f"http://{route.host}:{route.port}{scope['path']}"
+        url = node_url(self.proxy.client, route.host, route.port, scope["path"])
         if scope.get("query_string"):
             url += "?" + scope["query_string"].decode("latin-1")
         headers = {SECRET_HEADER: route.secret}

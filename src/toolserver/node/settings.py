@@ -63,6 +63,10 @@ class NodeConfig(EnvOverYamlSettings):
     web_search_provider: Literal["bing", "searxng"] = "bing"
     web_search_url: str | None = Field(None, description="search API endpoint; search_and_browse needs it")
     web_search_api_key: SecretStr | None = None
+    offline: str | None = Field(
+        None,
+        description="why the node has no network but loopback (set by its runtime); the web tools say it",
+    )
     # retrieval
     embedding_url: str | None = Field(None, description="OpenAI-compatible /embeddings URL (optional)")
     embedding_model: str = "text-embedding-3-small"

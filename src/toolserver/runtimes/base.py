@@ -36,6 +36,9 @@ from toolserver.states import NodeHealth, NodeStatus
 #: Label/mark keys put on everything a runtime creates.
 LABEL_MANAGER = "toolserver.manager_id"
 LABEL_NODE = "toolserver.node_id"
+#: A node address ``host`` that starts so is a Unix socket path (its ``port`` is 0): the ``sandbox``
+#: tier's nodes, in network namespaces of their own, serve on one.
+UNIX_PREFIX = "unix:"
 
 # the words of toolserver.states, under the names the runtimes use
 RUNNING = NodeStatus.RUNNING

@@ -81,13 +81,17 @@ def bound_socket(host: str = "127.0.0.1") -> socket.socket:
     return sock
 
 
-def _process(pid: int | None, create_time: float | None) -> psutil.Process | None:
-    """The live process with this pid *and* start time (guards against pid reuse), or None."""
-    if not pid:
+def _process(pid: int | None, create_time: float | None, node_id: str | None = None) -> psutil.Process | None:
+    """The live process with this pid *and* start time (guards against pid reuse), or None; with
+    ``node_id``, only if it also carries that node's mark (a pid written into a mark by someone
+    else, the manager's say, is not the node's)."""
+    if not pid or (create_time is None and node_id is not None):
         return None
     try:
         proc = psutil.Process(pid)
         if create_time is not None and abs(proc.create_time() - create_time) > 0.01:
+            return None
+        if node_id is not None and proc.environ().get(MARK_ENV) != node_id:
             return None
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None
@@ -151,24 +155,42 @@ class ProcessRuntime(Runtime):
         self._reaped: set[tuple[str, int]] = set()
         self._http = httpx.AsyncClient(timeout=HEALTH_TIMEOUT, trust_env=False)
 
+    async def preflight(self) -> None:
+        log.warning(
+            "isolation 'process': nodes are NOT isolated (they run as the manager's user and can read "
+            "its database, data directory and every other node); use it only for development"
+        )
+
     # ---- files --------------------------------------------------------------------------------------
 
     def _dir(self, state: dict[str, Any]) -> Path:
-        """The node's directory: the state's ``dir``, or ``<root>/<node_id>`` for a state that only
-        names the node (a create cut short before it could report one)."""
-        if state.get("dir"):
-            return Path(state["dir"])
+        """The node's directory, ``<root>/<node_id>`` (see :meth:`_node_dir`)."""
+        return self._node_dir(state)
+
+    def _node_dir(self, state: dict[str, Any]) -> Path:
+        """``<root>/<node_id>`` from the state's validated ``node_id`` (or, for a state of an older
+        version, the name of its ``dir`` when that is a directory right under ``root``): never a
+        path taken as it was written, which could name any directory outside the data directory."""
         node_id = str(state.get("node_id") or "")
+        if not node_id and state.get("dir"):
+            given = Path(str(state["dir"]))
+            node_id = given.name if given.parent == self.root else ""
         if _NODE_ID.fullmatch(node_id):
             return self.root / node_id
-        raise NodeNotFound("runtime state has no node directory")
+        raise NodeNotFound("runtime state names no node directory of this runtime")
 
     @staticmethod
     def _read_mark(node_dir: Path) -> dict[str, Any] | None:
+        """The mark of ``node_dir``, if it is one for this very directory (a mark naming another
+        node or directory is no mark)."""
         try:
-            return json.loads((node_dir / MARK_FILE).read_text())
+            mark = json.loads((node_dir / MARK_FILE).read_text())
         except (OSError, ValueError):
             return None
+        if not isinstance(mark, dict) or mark.get("node_id") != node_dir.name:
+            return None
+        mark["dir"] = str(node_dir)
+        return mark
 
     @staticmethod
     def _write_mark(node_dir: Path, mark: dict[str, Any]) -> None:
@@ -210,7 +232,7 @@ class ProcessRuntime(Runtime):
         mark = await asyncio.to_thread(self._read_mark, node_dir)
         if mark is None:
             raise NodeNotFound(f"node directory {node_dir} is gone")
-        if _process(mark.get("pid"), mark.get("create_time")) is not None:
+        if _process(mark.get("pid"), mark.get("create_time"), mark["node_id"]) is not None:
             return await self.inspect(state)
         node_id = mark["node_id"]
 
@@ -369,7 +391,8 @@ class ProcessRuntime(Runtime):
     def _info(
         self, mark: dict[str, Any], status: str, health: str = "Unknown", detail: str | None = None
     ) -> NodeInfo:
-        state = {"dir": mark["dir"], "pid": mark.get("pid"), "port": mark.get("port", 0)}
+        state = {"node_id": mark["node_id"], "dir": mark["dir"], "pid": mark.get("pid")}
+        state["port"] = mark.get("port", 0)
         return NodeInfo(
             node_id=mark["node_id"],
             manager_id=mark["manager_id"],
@@ -384,7 +407,7 @@ class ProcessRuntime(Runtime):
     def _observe(self, mark: dict[str, Any]) -> NodeInfo:
         if mark.get("pid") is None:
             return self._info(mark, CREATED)
-        if _process(mark["pid"], mark.get("create_time")) is not None:
+        if _process(mark["pid"], mark.get("create_time"), mark["node_id"]) is not None:
             return self._info(mark, RUNNING, STARTING)
         child = self._children.get(mark["node_id"])
         detail = None
@@ -407,7 +430,7 @@ class ProcessRuntime(Runtime):
 
     async def _terminate(self, mark: dict[str, Any], grace: float) -> None:
         """SIGTERM the node, SIGKILL its tree after ``grace``; then anything else carrying its mark."""
-        proc = _process(mark.get("pid"), mark.get("create_time"))
+        proc = _process(mark.get("pid"), mark.get("create_time"), mark["node_id"])
         if proc is not None:
             await self._terminate_tree(proc, mark, grace)
         # background shells and kernels outlive a SIGKILLed node: they still carry its mark

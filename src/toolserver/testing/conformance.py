@@ -39,7 +39,16 @@ import pytest_asyncio
 
 from toolserver.errors import NodeNotFound
 from toolserver.protocol import SECRET_HEADER
-from toolserver.runtimes.base import CREATED, EXITED, HEALTHY, RUNNING, NodeInfo, NodeSpec, Runtime
+from toolserver.runtimes.base import (
+    CREATED,
+    EXITED,
+    HEALTHY,
+    RUNNING,
+    UNIX_PREFIX,
+    NodeInfo,
+    NodeSpec,
+    Runtime,
+)
 from toolserver.testing.tiers import Tier
 
 __all__ = ["ConformanceHarness", "RuntimeConformance"]
@@ -120,10 +129,15 @@ class ConformanceHarness:
     async def http(self, info: NodeInfo, spec: NodeSpec | None) -> AsyncIterator[httpx.AsyncClient]:
         """An HTTP client for the node at the address the runtime reports; with ``spec``, it sends
         the node's secret as the manager's proxy does."""
-        assert info.host and info.port, f"node {info.node_id} reports no address"
         headers = {SECRET_HEADER: spec.secret} if spec else {}
+        if info.host.startswith(UNIX_PREFIX):  # a node in a network namespace of its own
+            transport = httpx.AsyncHTTPTransport(uds=info.host[len(UNIX_PREFIX) :])
+            base_url = "http://node"
+        else:
+            assert info.host and info.port, f"node {info.node_id} reports no address"
+            transport, base_url = None, f"http://{info.host}:{info.port}"
         async with httpx.AsyncClient(
-            base_url=f"http://{info.host}:{info.port}", headers=headers, timeout=30, trust_env=False
+            base_url=base_url, headers=headers, timeout=30, trust_env=False, transport=transport
         ) as client:
             yield client
 

@@ -39,10 +39,12 @@ __all__ = [
     "DOCKER",
     "IMAGE_ENV",
     "PROCESS",
+    "SANDBOX",
     "Tier",
     "docker_unavailable_reason",
     "marked_processes",
     "node_image",
+    "sandbox_unavailable_reason",
     "tier_params",
     "tiers",
 ]
@@ -147,7 +149,38 @@ async def _docker_leftovers(runtime: Runtime, info: NodeInfo) -> list[str]:
     return [f"container {c.id[:12]}" for c in containers] + [f"volume {v['Name']}" for v in volumes]
 
 
+@functools.cache
+def sandbox_unavailable_reason() -> str | None:
+    """Why sandboxed nodes cannot run here (not root, no bwrap, no user namespaces), or None."""
+    from toolserver.runtimes.sandbox import missing_requirements
+    from toolserver.runtimes.sandbox_config import SandboxConfig
+
+    return missing_requirements(SandboxConfig())
+
+
+async def _sandbox_leftovers(runtime: Runtime, info: NodeInfo) -> list[str]:
+    from toolserver.runtimes.sandbox import SandboxRuntime, socket_path
+    from toolserver.runtimes.sandbox_limits import CONTROLLERS
+
+    assert isinstance(runtime, SandboxRuntime)
+    cgroup = runtime._cgroup(info.node_id)
+    node_dir = runtime.root / info.node_id
+
+    def scan() -> list[str]:
+        left = [f"process {pid} of node {info.node_id}" for pid in cgroup.pids()]
+        left += [f"cgroup {cgroup.path(c)}" for c in CONTROLLERS if cgroup.path(c).exists()]
+        left += [f"directory {p}" for p in (node_dir, socket_path(node_dir)) if p.exists()]
+        claims = [c for c in runtime.claims.dir.glob("*") if c.read_text() == str(node_dir)]
+        left += [f"uid claim {c}" for c in claims]
+        with open("/proc/self/mounts") as mounts:
+            left += [f"mount {line.split()[1]}" for line in mounts if str(node_dir) in line]
+        return left
+
+    return await asyncio.to_thread(scan)
+
+
 PROCESS = Tier("process", leftovers=_process_leftovers)
+SANDBOX = Tier("sandbox", unavailable=sandbox_unavailable_reason, leftovers=_sandbox_leftovers)
 DOCKER = Tier(
     "docker",
     runtime_config={"image": node_image()},
@@ -159,7 +192,7 @@ DOCKER = Tier(
 
 def tiers() -> list[Tier]:
     """Every tier ToolServer offers, whether or not this machine can run it."""
-    return [PROCESS, DOCKER]
+    return [SANDBOX, PROCESS, DOCKER]
 
 
 def tier_params() -> list[Any]:

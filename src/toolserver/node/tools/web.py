@@ -80,6 +80,13 @@ class WebEnv(Env):
             await self._client.aclose()
             self._client = None
 
+    def _check_online(self, url: str) -> None:
+        """ToolError naming the reason when the node has no network and ``url`` is not on loopback."""
+        offline = self.ctx.config.offline
+        host = (urlsplit(url).hostname or "").lower()
+        if offline and host != "localhost" and not host.startswith("127.") and host != "::1":
+            raise ToolError(f"this node has no network, so it cannot reach {url}: {offline}")
+
     async def _fetch(self, url: str) -> tuple[str, str, str]:
         """(final url, content type, decoded body) of ``url``, at most web_max_bytes long."""
         import httpx
@@ -87,6 +94,7 @@ class WebEnv(Env):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ToolArgumentError(f"argument 'url': {url!r} is not an http(s) URL")
+        self._check_online(url)
         cap = self.ctx.config.web_max_bytes
         try:
             async with self._http().stream("GET", url) as response:
@@ -185,6 +193,7 @@ class WebEnv(Env):
         import httpx
 
         cfg = self.ctx.config
+        self._check_online(str(cfg.web_search_url))
         key = cfg.web_search_api_key.get_secret_value() if cfg.web_search_api_key else None
         headers: dict[str, str] = {}
         if cfg.web_search_provider == "bing":

@@ -1,0 +1,196 @@
+"""Kernel-enforced limits of a sandboxed node: a cgroup (v1) per node and a loop-mounted workspace.
+
+Both are made by the runtime as root, in places the node cannot write: the cgroup directories
+under ``<cgroup_root>/<controller>/toolserver/<node_id>`` (memory, pids, cpu when present, and
+the freezer for pause), and the workspace image ``<node_dir>/workspace.img`` mounted on
+``<node_dir>/disk``. Every function here blocks: the runtime calls them through
+``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from toolserver.runtimes.base import ResourceLimits
+from toolserver.runtimes.sandbox_config import parse_size
+
+CONTROLLERS = ("memory", "pids", "cpu", "freezer")
+#: cgroup directory of every node, under each controller
+GROUP = "toolserver"
+CFS_PERIOD_US = 100_000
+
+
+@dataclass(frozen=True)
+class NodeCgroup:
+    """The cgroup of one node: a directory per controller that this machine has and lets us write."""
+
+    root: Path
+    node_id: str
+
+    def path(self, controller: str) -> Path:
+        return self.root / controller / GROUP / self.node_id
+
+    def available(self) -> list[str]:
+        """Controllers whose ``toolserver`` group exists or can be made here."""
+        found = []
+        for controller in CONTROLLERS:
+            base = self.root / controller
+            if (base / "cgroup.procs").is_file() and os.access(base, os.W_OK):
+                found.append(controller)
+        return found
+
+    def create(self, limits: ResourceLimits) -> list[str]:
+        """Make the node's groups and set ``limits``; the ``cgroup.procs`` files to join."""
+        procs = []
+        for controller in self.available():
+            group = self.path(controller)
+            group.mkdir(parents=True, exist_ok=True)
+            if controller == "memory" and limits.memory:
+                _write(group / "memory.limit_in_bytes", str(parse_size(limits.memory)))
+                with contextlib.suppress(OSError):  # no swap accounting: the limit above suffices
+                    _write(group / "memory.memsw.limit_in_bytes", str(parse_size(limits.memory)))
+            elif controller == "pids" and limits.pids_limit:
+                _write(group / "pids.max", str(limits.pids_limit))
+            elif controller == "cpu" and limits.cpus:
+                _write(group / "cpu.cfs_period_us", str(CFS_PERIOD_US))
+                _write(group / "cpu.cfs_quota_us", str(int(limits.cpus * CFS_PERIOD_US)))
+            procs.append(str(group / "cgroup.procs"))
+        return procs
+
+    def pids(self) -> list[int]:
+        """Every process in the node's groups (the kernel's list: the node cannot forge it)."""
+        found: set[int] = set()
+        for controller in ("pids", "memory", "freezer", "cpu"):
+            with contextlib.suppress(OSError, ValueError):
+                text = (self.path(controller) / "cgroup.procs").read_text()
+                found.update(int(line) for line in text.split())
+        return sorted(found)
+
+    def signal_all(self, sig: int) -> int:
+        """Send ``sig`` to every process of the node; how many there were."""
+        pids = self.pids()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        return len(pids)
+
+    def kill_all(self, timeout: float = 5.0) -> None:
+        """SIGKILL every process of the node until none is left (a frozen group is thawed first)."""
+        self.freeze(False)
+        deadline = time.monotonic() + timeout
+        while self.signal_all(signal.SIGKILL) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def freeze(self, frozen: bool) -> bool:
+        """Freeze or thaw the node's processes; False when there is no freezer group."""
+        state = self.path("freezer") / "freezer.state"
+        if not state.exists():
+            return False
+        _write(state, "FROZEN" if frozen else "THAWED")
+        want = "FROZEN" if frozen else "THAWED"
+        deadline = time.monotonic() + 5
+        while state.read_text().strip() != want and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return True
+
+    def frozen(self) -> bool:
+        with contextlib.suppress(OSError):
+            return (self.path("freezer") / "freezer.state").read_text().strip() == "FROZEN"
+        return False
+
+    def reason(self) -> str | None:
+        """The limit the node ran into, as Docker would say it (``OOMKilled``), or None."""
+        with contextlib.suppress(OSError, ValueError):
+            for line in (self.path("memory") / "memory.oom_control").read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill" and int(value) > 0:
+                    return "OOMKilled"
+        with contextlib.suppress(OSError, ValueError):
+            lines = (self.path("pids") / "pids.events").read_text().splitlines()
+            events = dict(line.split() for line in lines)
+            if int(events.get("max", 0)) > 0:
+                limit = (self.path("pids") / "pids.max").read_text().strip()
+                return f"pids limit reached ({limit} processes)"
+        return None
+
+    def remove(self) -> None:
+        """Kill what is left and delete the groups; gone already is fine."""
+        self.kill_all()
+        for controller in CONTROLLERS:
+            with contextlib.suppress(FileNotFoundError):
+                self.path(controller).rmdir()
+
+
+def _write(path: Path, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+# ---- the workspace disk ----------------------------------------------------------------------------
+
+
+_template_lock = threading.Lock()
+
+
+def make_disk(image: Path, mountpoint: Path, size: int, template_dir: Path) -> None:
+    """A sparse ext4 image of ``size`` bytes, mounted on ``mountpoint``: a copy of an empty image
+    made once per size in ``template_dir`` (copying its few data extents is much cheaper than a
+    ``mkfs`` per node)."""
+    template = template_dir / f"workspace-{size}.img"
+    with _template_lock:
+        if not template.exists():
+            fresh = template.with_suffix(".tmp")
+            with open(fresh, "wb") as f:
+                f.truncate(size)
+            # no journal, no discard (the image is new and sparse), no reserved blocks
+            _run("mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "nodiscard", str(fresh))
+            fresh.replace(template)
+    sparse_copy(template, image)
+    mount_disk(image, mountpoint)
+
+
+def sparse_copy(source: Path, target: Path) -> None:
+    """Copy ``source`` to a new ``target``, leaving its holes holes (only data extents are copied)."""
+    with open(source, "rb") as src, open(target, "xb") as dst:
+        size = os.fstat(src.fileno()).st_size
+        dst.truncate(size)
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(src.fileno(), pos, os.SEEK_DATA)
+            except OSError:  # ENXIO: no data after pos
+                break
+            end = os.lseek(src.fileno(), start, os.SEEK_HOLE)
+            while start < end:
+                copied = os.copy_file_range(src.fileno(), dst.fileno(), end - start, start, start)
+                if copied <= 0:
+                    raise OSError(f"cannot copy {source} to {target}")
+                start += copied
+            pos = end
+
+
+def mount_disk(image: Path, mountpoint: Path) -> None:
+    """Mount ``image`` on ``mountpoint`` (no device files, no setuid) unless it is mounted already."""
+    mountpoint.mkdir(exist_ok=True)
+    if not os.path.ismount(mountpoint):
+        # noinit_itable: no background zeroing of inode tables (a sparse image reads zeros anyway)
+        _run("mount", "-o", "loop,nosuid,nodev,noinit_itable", str(image), str(mountpoint))
+
+
+def unmount_disk(mountpoint: Path) -> None:
+    """Unmount the workspace (lazily: a process still inside cannot keep it); not mounted is fine."""
+    if os.path.ismount(mountpoint):
+        _run("umount", "-l", str(mountpoint))
+
+
+def _run(*argv: str) -> None:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    if done.returncode:
+        raise OSError(f"{argv[0]} failed: {(done.stderr or done.stdout).strip()}")
