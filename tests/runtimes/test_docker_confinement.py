@@ -43,16 +43,16 @@ async def test_nodes_cannot_reach_each_other(
     rt = make_runtime()
     a = await started_healthy(rt, manager_id)
     b = await started_healthy(rt, manager_id)
-    name = nodes_network_name(manager_id)
     raw_b = await docker.containers.container(b.state["container_id"]).show()
-    assert raw_b["HostConfig"]["NetworkMode"] == name
-    [net] = await _networks(docker, name)
-    assert net["Options"][NO_ICC] == "false"
-    b_net = raw_b["NetworkSettings"]["Networks"][name]
+    [b_net] = raw_b["NetworkSettings"]["Networks"].values()
     cid_a = a.state["container_id"]
     for host, port in ((b_net["IPAddress"], 31942), (b_net["Gateway"], b.port), ("127.0.0.1", b.port)):
         code, out = await exec_in(docker, cid_a, ["python3", "-c", CONNECT, host, str(port)])
         assert code == 0 and out.startswith("refused"), (host, port, out)
+    name = nodes_network_name(manager_id)
+    assert raw_b["HostConfig"]["NetworkMode"] == name
+    [net] = await _networks(docker, name)
+    assert net["Options"][NO_ICC] == "false"
     # published ports stay on the host's loopback, where the manager reaches them
     assert all(p["HostIp"] == "127.0.0.1" for p in raw_b["NetworkSettings"]["Ports"]["31942/tcp"])
     assert await health_200(a) and await health_200(b)
