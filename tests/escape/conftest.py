@@ -21,9 +21,10 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.support import ManagerProcess
+from tests.support import ManagerProcess, docker_containers, docker_volumes
 from toolserver.client import ToolServerClient
 from toolserver.client.sync import Session
+from toolserver.runtimes.base import LABEL_MANAGER
 from toolserver.testing.tiers import Tier, tiers
 
 PROBE = (Path(__file__).parent / "probe.py").read_text()
@@ -184,6 +185,40 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             roots=_roots(manager, row),
         )
         yield World(tier, manager, client, attacker, victim_session, victim)
+        for session in (attacker, victim_session):
+            session.release()
     finally:
         client.close()
         manager.stop()
+        left = _leftovers(tier, manager)
+        assert left == [], f"the escape suite left {left}"
+
+
+def _leftovers(tier: Tier, manager: ManagerProcess) -> list[str]:
+    """Containers, volumes, networks and workspace mounts of this manager still there (then removed)."""
+    label = f"{LABEL_MANAGER}={manager.manager_id}"
+    containers, volumes, networks = [], [], []
+    if "docker" in tier.marks:
+        containers, volumes = docker_containers(label), docker_volumes(label)
+        networks = subprocess.run(
+            ["docker", "network", "ls", "-q", "--filter", f"label={label}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout.split()
+    for row in containers:
+        subprocess.run(["docker", "rm", "-f", row["id"]], capture_output=True, check=False)
+    for volume in volumes:
+        subprocess.run(["docker", "volume", "rm", "-f", volume], capture_output=True, check=False)
+    mounts = [p for p in psutil.disk_partitions(all=True) if p.mountpoint.startswith(str(manager.root))]
+    for part in mounts:
+        subprocess.run(["umount", "-l", part.mountpoint], capture_output=True, check=False)
+    for net in networks:
+        subprocess.run(["docker", "network", "rm", net], capture_output=True, check=False)
+    return (
+        [f"container {c['id'][:12]}" for c in containers]
+        + volumes
+        + [f"network {n}" for n in networks]
+        + [m.mountpoint for m in mounts]
+    )
