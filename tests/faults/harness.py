@@ -64,7 +64,9 @@ class FaultManager(ManagerProcess):
         self.config["manager_id"] = f"fault-{uuid.uuid4().hex[:10]}"
         self.config_path.write_text(yaml.safe_dump(self.config))
         self.tier = tier.name
-        if tier.name not in ("process", "docker"):
+        #: a Docker tier (docker, gvisor): nodes are containers with workspace volumes
+        self.docker = "docker" in tier.marks
+        if tier.name not in ("process", "docker", "gvisor"):
             raise NotImplementedError(f"the fault harness cannot look into tier {tier.name!r} yet")
 
     def kill9(self) -> None:
@@ -82,7 +84,7 @@ class FaultManager(ManagerProcess):
 
     def runtime_nodes(self) -> dict[str, str]:
         """short id -> state ("running" or another word) of every node the runtime holds."""
-        if self.tier == "docker":
+        if self.docker:
             prefix = "toolserver-node-"
             return {c["name"].removeprefix(prefix): c["state"] for c in docker_containers(self.label())}
         servers = {}
@@ -98,7 +100,7 @@ class FaultManager(ManagerProcess):
         return [p for p in processes_under(self.root) if p.pid not in own]
 
     def volumes(self) -> list[str]:
-        return docker_volumes(self.label()) if self.tier == "docker" else []
+        return docker_volumes(self.label()) if self.docker else []
 
     def remove_everything(self) -> None:
         """Teardown: whatever the test left, gone (processes, containers, volumes)."""
@@ -106,7 +108,7 @@ class FaultManager(ManagerProcess):
         for proc in processes_under(self.root):
             with contextlib.suppress(psutil.Error):
                 proc.kill()
-        if self.tier == "docker":
+        if self.docker:
             for row in docker_containers(self.label()):
                 subprocess.run(["docker", "rm", "-f", row["id"]], capture_output=True, timeout=60)
             for volume in docker_volumes(self.label()):
