@@ -29,6 +29,7 @@ from tests.support import (
     docker_containers,
     docker_volumes,
     processes_under,
+    remove_docker_networks,
     wait_until,
 )
 from toolserver.runtimes.base import LABEL_MANAGER
@@ -119,6 +120,7 @@ class FaultManager(ManagerProcess):
                 subprocess.run(["docker", "rm", "-f", row["id"]], capture_output=True, timeout=60)
             for volume in docker_volumes(self.label()):
                 subprocess.run(["docker", "volume", "rm", "-f", volume], capture_output=True, timeout=60)
+            remove_docker_networks(self.label())
 
 
 def leaks(manager: FaultManager) -> list[str]:
