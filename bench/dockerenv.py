@@ -44,9 +44,11 @@ class BareContainer:
     label: str
     secret: str = "bench-secret"
     cid: str = ""
+    #: a container runtime of dockerd (``runsc`` for the gvisor tier's reference), else its default
+    runtime: str | None = None
 
     def start_to_healthy(self, timeout: float = 60.0) -> float:
-        """``docker run -d`` then poll ``GET /health`` on the published port; returns seconds."""
+        """``docker run -d [--runtime R]``, then poll ``GET /health`` on its published port; seconds."""
         t0 = time.perf_counter()
         run = _docker(
             "run",
@@ -57,6 +59,7 @@ class BareContainer:
             f"TOOLSERVER_NODE_SECRET={self.secret}",
             "-p",
             f"127.0.0.1::{NODE_PORT}",
+            *(["--runtime", self.runtime] if self.runtime else []),
             IMAGE,
         )
         if run.returncode != 0:

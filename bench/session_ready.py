@@ -1,6 +1,7 @@
 """Benchmark 1: session ready, /get_cookie -> first successful execute_tool, warm-pool hit vs cold.
 
-For each runtime (process, sandbox; Docker where ``docker info`` answers and the node image exists) a real
+For each runtime (process, sandbox; Docker where ``docker info`` answers and the node image exists;
+gVisor where dockerd also has the runsc runtime) a real
 manager subprocess serves sessions one after another; each session is timed from sending
 ``POST /get_cookie`` to its answer (*/get_cookie*; with ``node.health_check`` on, the answer
 means the node is healthy) and to the first ``execute_tool`` answered 200 (*ready*; the
@@ -13,10 +14,11 @@ calculator tool, retried until it succeeds), then released (not timed).
   served, as it would in production.
 
 The reference is the bare start of the same node without a manager, measured in the same run:
-``toolserver node`` launched as a process (or ``docker run`` of the node image) until
-``GET /health`` answers 200, polled every 10 ms. For ``sandbox`` it is a bare ``bwrap`` start, the
-namespaces a sandbox makes around ``python -c pass``, next to that same ``python -c pass`` alone;
-its cold target is the process tier's cold p50 of the same run plus 100 ms.
+``toolserver node`` launched as a process (or ``docker run`` of the node image, with
+``--runtime runsc`` for gVisor) until ``GET /health`` answers 200, polled every 10 ms. For
+``sandbox`` it is a bare ``bwrap`` start, the namespaces a sandbox makes around ``python -c pass``,
+next to that same ``python -c pass`` alone; its cold target is the process tier's cold p50 of the
+same run plus 100 ms.
 """
 
 from __future__ import annotations
@@ -34,14 +36,16 @@ import httpx
 from bench.common import Context, Figure, Outcome, at_most, summary
 from bench.dockerenv import BareContainer, unavailable_reason
 from bench.procs import Manager, Node
-from toolserver.testing.tiers import sandbox_unavailable_reason, tiers
+from toolserver.testing.tiers import gvisor_unavailable_reason, node_image, sandbox_unavailable_reason, tiers
 
 NAME = "session_ready"
 TITLE = "Session ready"
 POOL_SIZE = 2
 SMALL_TOOL = {"tool_name": "calculator", "arguments": {"expression": "6*7"}}
 WARM_P50_MS, WARM_P99_MS = 15.0, 60.0
-COLD_TARGET_MS = {"process": 800.0, "docker": 1500.0}
+COLD_TARGET_MS = {"process": 800.0, "docker": 1500.0, "gvisor": 3000.0}
+#: the container runtime of each Docker tier's bare reference (None: dockerd's default, runc)
+BARE_RUNTIME = {"docker": None, "gvisor": "runsc"}
 #: the sandbox tier's cold /get_cookie p50 may exceed the process tier's of the same run by this
 SANDBOX_OVER_PROCESS_MS = 100.0
 BARE_BWRAP = [
@@ -138,11 +142,11 @@ def bare_bwrap_starts(count: int) -> tuple[list[float], list[float]]:
     return boxed, alone
 
 
-def bare_docker_starts(label: str, count: int) -> list[float]:
-    """Reference: ``docker run`` of the node image until /health answers (ms)."""
+def bare_docker_starts(label: str, count: int, runtime: str | None = None) -> list[float]:
+    """Reference: ``docker run [--runtime R]`` of the node image until /health answers (ms)."""
     out = []
     for _ in range(count):
-        box = BareContainer(label)
+        box = BareContainer(label, runtime=runtime)
         try:
             out.append(box.start_to_healthy() * 1000)
         finally:
@@ -168,9 +172,11 @@ def _figures(
     w_ready = summary([s.ready_ms for s in warm if s.hit])
     b = summary(bare)
     ref_cold = f"cold /get_cookie p50 {_ms(c_cookie, 'p50')}"
-    bare_what = {"process": "bare node process", "sandbox": "bare `bwrap … python -c pass`"}.get(
-        runtime, "bare `docker run`"
-    )
+    bare_what = {
+        "process": "bare node process",
+        "sandbox": "bare `bwrap … python -c pass`",
+        "gvisor": "bare `docker run --runtime runsc`",
+    }.get(runtime, "bare `docker run`")
     hits = sum(1 for s in warm if s.hit)
     bare_ref = f"{bare_what}{'' if runtime == 'sandbox' else ' → /health'} p50 {_ms(b, 'p50')}"
     limit = cold_limit if cold_limit is not None else COLD_TARGET_MS.get(runtime, float("nan"))
@@ -237,7 +243,7 @@ def _one_runtime(ctx: Context, runtime: str, outcome: Outcome) -> None:
         elif runtime == "sandbox":
             bare, alone = bare_bwrap_starts(bare_count)
         else:
-            bare = bare_docker_starts(label, bare_count)
+            bare = bare_docker_starts(label, bare_count, BARE_RUNTIME[runtime])
         one_session_warmup(manager)
         cold = measure(manager, sessions, warm=False, budget_s=budget)
     with Manager(root / "warm", **_runtime_config(runtime, POOL_SIZE)) as manager:
@@ -297,5 +303,16 @@ def run(ctx: Context) -> Outcome:
         outcome.notes.append(f"Docker runtime skipped: {why}.")
         outcome.add(
             Figure(NAME, "docker: cold, healthy (/get_cookie) p50", None, "ms", "skipped", "≤ 1500 ms")
+        )
+    why = why or gvisor_unavailable_reason(node_image())
+    if why is None:
+        try:
+            _one_runtime(ctx, "gvisor", outcome)
+        except Exception as exc:  # keep the other tiers' figures
+            why = f"the gVisor run failed: {type(exc).__name__}: {exc}"
+    if why is not None:
+        outcome.notes.append(f"gVisor runtime skipped: {why}.")
+        outcome.add(
+            Figure(NAME, "gvisor: cold, healthy (/get_cookie) p50", None, "ms", "skipped", "≤ 3000 ms")
         )
     return outcome

@@ -43,6 +43,7 @@ __all__ = [
     "marked_processes",
     "node_processes",
     "processes_under",
+    "remove_docker_networks",
     "sleeping",
     "terminal_transcript",
     "until_async",
@@ -132,6 +133,21 @@ def docker_containers(label: str) -> list[dict[str, str]]:
         check=True,
     ).stdout
     return [dict(zip(("id", "state", "name"), line.split(), strict=True)) for line in out.splitlines()]
+
+
+def remove_docker_networks(label: str) -> list[str]:
+    """Remove the networks carrying ``label`` (a Docker tier's node network: the runtime drops it
+    with its last node, but not when a test removed the containers behind its back)."""
+    out = subprocess.run(
+        ["docker", "network", "ls", "-q", "--filter", f"label={label}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    ).stdout.split()
+    for net in out:
+        subprocess.run(["docker", "network", "rm", net], capture_output=True, timeout=60, check=False)
+    return out
 
 
 PG_BIN = Path("/usr/lib/postgresql")

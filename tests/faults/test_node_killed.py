@@ -46,7 +46,7 @@ def _job(manager: FaultManager, short_id: str) -> psutil.Process:
 
 
 def _kill_node(manager: FaultManager, short_id: str) -> None:
-    if manager.tier == "docker":
+    if manager.docker:
         name = f"toolserver-node-{short_id}"
         subprocess.run(
             ["docker", "kill", "--signal", "KILL", name], check=True, capture_output=True, timeout=60

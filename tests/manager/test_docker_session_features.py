@@ -15,6 +15,7 @@ from tests.support import (
     Tmux,
     docker_containers,
     docker_unavailable_reason,
+    remove_docker_networks,
     terminal_transcript,
     wait_until,
 )
@@ -37,6 +38,7 @@ def manager(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ManagerProcess
     left = docker_containers(label)
     for row in left:
         subprocess.run(["docker", "rm", "-f", "-v", row["id"]], capture_output=True, timeout=60)
+    remove_docker_networks(label)
     assert left == [], "containers left behind"
 
 

@@ -13,6 +13,7 @@ from tests.support import (
     docker_containers,
     docker_unavailable_reason,
     docker_volumes,
+    remove_docker_networks,
     wait_until,
 )
 from toolserver.client import ToolServerClient, unwrap
@@ -44,6 +45,7 @@ def docker_manager(manager_factory: Callable[..., ManagerProcess]) -> Iterator[M
         subprocess.run(["docker", "rm", "-f", row["id"]], capture_output=True)
     for volume in leftovers[1]:
         subprocess.run(["docker", "volume", "rm", "-f", volume], capture_output=True)
+    remove_docker_networks(label)
     assert leftovers == ([], []), "containers or volumes left behind"
 
 

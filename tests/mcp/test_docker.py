@@ -14,6 +14,7 @@ from tests.support import (
     docker_containers,
     docker_unavailable_reason,
     docker_volumes,
+    remove_docker_networks,
     wait_until,
 )
 from toolserver.runtimes.base import LABEL_MANAGER
@@ -35,6 +36,7 @@ def docker_manager(manager_factory: Callable[..., ManagerProcess]) -> Iterator[M
         subprocess.run(["docker", "rm", "-f", row["id"]], capture_output=True)
     for volume in docker_volumes(label):
         subprocess.run(["docker", "volume", "rm", "-f", volume], capture_output=True)
+    remove_docker_networks(label)
 
 
 async def test_mcp_session_in_a_container(docker_manager: ManagerProcess) -> None:

@@ -201,3 +201,18 @@ def test_sync_tools_do_not_block_the_event_loop(node: Node) -> None:
         assert node.ok("calculator", expression="2+2") == 4
         assert time.monotonic() - started < 0.7
         assert slow.result().json() == "slept"
+
+
+def test_every_route_but_health_needs_the_secret(node: Node) -> None:
+    from toolserver.node.app import create_app
+    from toolserver.node.settings import NodeConfig
+
+    app = create_app(NodeConfig(workspace=node.tmp / "route-table-ws"))
+    open_routes = []
+    for route in app.routes:
+        methods = sorted(getattr(route, "methods", None) or ["GET"])
+        for method in methods:
+            answer = requests.request(method, f"{node.url}{route.path}", timeout=10)
+            if answer.status_code != 401:
+                open_routes.append((method, route.path, answer.status_code))
+    assert open_routes == [("GET", "/health", 200), ("HEAD", "/health", 200)]

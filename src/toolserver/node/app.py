@@ -50,7 +50,7 @@ from toolserver.node.files import (
     build_workspace_zip,
     list_directory,
     open_file_response,
-    open_regular_file,
+    open_workspace_file,
     receive_upload,
     remove_path,
     stat_path,
@@ -317,18 +317,17 @@ def create_app(config: NodeConfig) -> Starlette:
 
     async def download_file(request: Request) -> Response:
         req = _parse(protocol.DownloadFileRequest, await _read_json(request, limit))
-        path = ctx.resolve(req.file_path)
         # opened here, before the answer starts: a file removed or replaced meanwhile is still
         # served whole from the open handle, and a missing one is a 404, never a broken answer
         try:
-            handle, size = await anyio.to_thread.run_sync(open_regular_file, path)
+            handle, size, name = await anyio.to_thread.run_sync(open_workspace_file, ctx, req.file_path)
         except FileNotFoundError:
             raise HTTPException(404, f"file {req.file_path!r} not found in the workspace") from None
-        except IsADirectoryError:
+        except (IsADirectoryError, NotADirectoryError):
             raise HTTPException(400, f"{req.file_path!r} is not a file") from None
         except OSError as exc:
             raise HTTPException(400, f"cannot read {req.file_path!r}: {exc.strerror or exc}") from None
-        return open_file_response(handle, size, path.name)
+        return open_file_response(handle, size, name)
 
     async def download_workspace(request: Request) -> Response:
         archive = await anyio.to_thread.run_sync(build_workspace_zip, ctx)

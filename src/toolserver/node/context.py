@@ -1,8 +1,10 @@
 """The per-node context handed to tools: workspace path resolution, config and shared services.
 
-Every path a tool or an endpoint receives goes through :meth:`NodeContext.resolve`, which refuses
-anything that would land outside the workspace (absolute paths elsewhere, ``..``, ``~``, NUL bytes,
-symlinks pointing out). Backslashes are read as separators, so ``..\\x`` is ``../x``.
+Every path a file tool or endpoint receives goes through :meth:`NodeContext.locate`, which walks it
+beneath the workspace without a check-then-use race and refuses anything that would land outside
+(absolute paths elsewhere, ``..``, ``~``, NUL bytes, symlinks pointing out). :meth:`NodeContext.resolve`
+(a real path, checked once) is left for what a shell is given anyway: a command's working directory.
+Backslashes are read as separators, so ``..\\x`` is ``../x``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from toolserver.errors import WorkspacePathError
+from toolserver.node.beneath import Located, locate
 from toolserver.node.settings import NodeConfig
 
 log = logging.getLogger("toolserver.node")
@@ -76,6 +79,10 @@ class NodeContext:
     def resolve(self, path: str) -> Path:
         """The real path of workspace-relative ``path``; WorkspacePathError when it leaves the workspace."""
         return resolve_in_workspace(self.workspace, path)
+
+    def locate(self, path: str, *, follow_final: bool = True, create_dirs: bool = False) -> Located:
+        """Workspace-relative ``path`` walked beneath the workspace (see :mod:`toolserver.node.beneath`)."""
+        return locate(self.workspace, path, follow_final=follow_final, create_dirs=create_dirs)
 
     def relative(self, path: Path) -> str:
         """``path`` relative to the workspace, in POSIX form ('.' for the root)."""

@@ -8,9 +8,12 @@ workspace) and streamed from there.
 
 from __future__ import annotations
 
+import contextlib
 import mimetypes
 import os
+import shutil
 import stat
+import time
 import uuid
 import zipfile
 from collections.abc import AsyncIterator
@@ -22,6 +25,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
+from toolserver.errors import WorkspacePathError
+from toolserver.node.beneath import Located, open_file_at, open_subdir, opened_dir, scan
 from toolserver.node.context import NodeContext
 
 UPLOAD_PREFIX = ".toolserver-upload-"
@@ -29,6 +34,7 @@ DOWNLOAD_CHUNK = 256 * 1024
 _FIELD_MAX = 4096
 _MULTIPART_SLACK = 1 << 20  # headers and boundaries around the file's bytes
 _FORBIDDEN_CHARS = set('<>:"|?*')
+_MAX_ZIP_DEPTH = 64
 
 
 def sanitize_filename(raw: str) -> str:
@@ -123,9 +129,15 @@ async def receive_upload(request: Request, ctx: NodeContext) -> dict[str, Any]:
             "on_part_end": on_part_end,
         },
     )
-    tmp = ctx.workspace / f"{UPLOAD_PREFIX}{uuid.uuid4().hex}.part"
-    handle = None
+    tmp = f"{UPLOAD_PREFIX}{uuid.uuid4().hex}.part"
+    root = ctx.locate(".")
+    handle: BinaryIO | None = None
     size = received = 0
+
+    def open_tmp() -> BinaryIO:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.fdopen(os.open(tmp, flags, 0o644, dir_fd=root.dir_fd), "wb")
+
     try:
         async for chunk in request.stream():
             received += len(chunk)
@@ -144,7 +156,7 @@ async def receive_upload(request: Request, ctx: NodeContext) -> dict[str, Any]:
                 if size > limit:
                     raise HTTPException(413, f"the upload is larger than the limit of {limit} bytes")
                 if handle is None:
-                    handle = await anyio.to_thread.run_sync(tmp.open, "wb")
+                    handle = await anyio.to_thread.run_sync(open_tmp)
                 await anyio.to_thread.run_sync(handle.write, data)
         try:
             parser.finalize()
@@ -154,75 +166,105 @@ async def receive_upload(request: Request, ctx: NodeContext) -> dict[str, Any]:
         if file_part is None:
             raise HTTPException(400, "the upload has no 'file' part")
         if handle is None:
-            handle = await anyio.to_thread.run_sync(tmp.open, "wb")
+            handle = await anyio.to_thread.run_sync(open_tmp)
         await anyio.to_thread.run_sync(handle.close)
         name = sanitize_filename(fields.get("filename") or file_part.filename or "")
-        target = _upload_target(ctx, fields.get("path"), name)
-        await anyio.to_thread.run_sync(_move_into_place, tmp, target)
+        rel = await anyio.to_thread.run_sync(
+            _move_into_place, ctx, root.dir_fd, tmp, fields.get("path"), name
+        )
     finally:
         if handle is not None and not handle.closed:
             handle.close()
-        tmp.unlink(missing_ok=True)
-    return {"message": "Upload Success!", "file_path": ctx.relative(target), "size": size}
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=root.dir_fd)
+        root.close()
+    return {"message": "Upload Success!", "file_path": rel, "size": size}
 
 
-def _upload_target(ctx: NodeContext, path: str | None, name: str) -> Path:
-    if not path:
-        directory, filename = ctx.workspace, name
-    else:
-        resolved = ctx.resolve(path)
-        if path.endswith(("/", "\\")) or resolved.is_dir():
-            directory, filename = resolved, name
-        else:
-            directory, filename = resolved.parent, resolved.name
-    target = directory / filename
-    real = Path(os.path.realpath(target))
-    if not real.is_relative_to(ctx.workspace) or real == ctx.workspace:
-        raise HTTPException(400, f"upload target {ctx.relative(target)!r} leads outside the workspace")
-    if target.is_dir():
-        raise HTTPException(400, f"upload target {ctx.relative(target)!r} is a directory")
-    return target
+def _upload_target(ctx: NodeContext, path: str | None, name: str) -> Located:
+    """Where an upload goes: ``path``, or ``name`` in the directory ``path`` names (made if missing)."""
+    with ctx.locate(path or ".", create_dirs=True) as where:
+        info = where.lstat()
+        into_dir = not path or path.rstrip().endswith(("/", "\\"))
+        if not into_dir and where.name is not None and (info is None or not stat.S_ISDIR(info.st_mode)):
+            return Located(os.dup(where.dir_fd), where.name, where.rel, path or name)
+        if where.name is not None and info is None:
+            os.mkdir(where.name, 0o777, dir_fd=where.dir_fd)
+        dir_fd = where.open_dir()
+        rel = name if where.rel == "." else f"{where.rel}/{name}"
+    return Located(dir_fd, name, rel, path or name)
 
 
-def _move_into_place(tmp: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, target)
+def _move_into_place(ctx: NodeContext, root_fd: int, tmp: str, path: str | None, name: str) -> str:
+    try:
+        target = _upload_target(ctx, path, name)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise HTTPException(400, f"upload target {path!r}: {exc.strerror or exc}") from None
+    with target:
+        info = target.lstat()
+        if info is not None and stat.S_ISDIR(info.st_mode):
+            raise HTTPException(400, f"upload target {target.rel!r} is a directory")
+        assert target.name is not None
+        os.replace(tmp, target.name, src_dir_fd=root_fd, dst_dir_fd=target.dir_fd)
+        return target.rel
 
 
 def build_workspace_zip(ctx: NodeContext) -> Path:
-    """Zip the workspace into a temp file in the state dir; symlinks leading out are left out."""
-    ws = ctx.workspace
+    """Zip the workspace into a temp file in the state dir, walked by descriptors (see ``beneath``).
+
+    Symlinks are stored as the file they point to when that is a regular file beneath the workspace,
+    and left out otherwise; so are files with several hard links, sockets and fifos.
+    """
     fd, name = _mkstemp(ctx.tmp_dir)
     path = Path(name)
     try:
         with (
             os.fdopen(fd, "wb") as raw,
             zipfile.ZipFile(raw, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf,
+            ctx.locate(".") as root,
         ):
-            for root, dirs, files in os.walk(ws):
-                root_path = Path(root)
-                dirs[:] = sorted(d for d in dirs if not (root_path / d).is_symlink())
-                rel_root = root_path.relative_to(ws)
-                if rel_root != Path(".") and not dirs and not files:
-                    zf.write(root_path, rel_root.as_posix() + "/")
-                for fname in sorted(files):
-                    full = root_path / fname
-                    if fname.startswith(UPLOAD_PREFIX):
-                        continue
-                    if full.is_symlink():
-                        real = Path(os.path.realpath(full))
-                        if not real.is_relative_to(ws) or not real.is_file():
-                            continue
-                    elif not full.is_file():
-                        continue  # sockets, fifos
-                    try:
-                        zf.write(full, (rel_root / fname).as_posix())
-                    except OSError:
-                        continue  # vanished or unreadable meanwhile
+            _zip_dir(ctx, zf, root.dir_fd, "", 0)
     except BaseException:
         path.unlink(missing_ok=True)
         raise
     return path
+
+
+def _zip_dir(ctx: NodeContext, zf: zipfile.ZipFile, dir_fd: int, prefix: str, depth: int) -> None:
+    entries = sorted(scan(dir_fd), key=lambda e: e.name)
+    if prefix and not entries:
+        info = zipfile.ZipInfo(prefix)
+        info.external_attr = (0o40755 << 16) | 0x10
+        zf.writestr(info, b"")
+    for entry in entries:
+        rel = prefix + entry.name
+        if entry.name.startswith(UPLOAD_PREFIX):
+            continue
+        try:
+            if entry.is_symlink():
+                with ctx.locate(rel) as where:
+                    src = where.open_file()
+            elif entry.is_dir(follow_symlinks=False):
+                if depth < _MAX_ZIP_DEPTH:
+                    sub = open_subdir(dir_fd, entry.name, rel)
+                    try:
+                        _zip_dir(ctx, zf, sub, rel + "/", depth + 1)
+                    finally:
+                        os.close(sub)
+                continue
+            elif entry.is_file(follow_symlinks=False):
+                src = open_file_at(dir_fd, entry.name, rel)
+            else:
+                continue  # sockets, fifos
+        except (OSError, WorkspacePathError):
+            continue  # vanished meanwhile, a link out, several hard links
+        with os.fdopen(src, "rb") as handle:
+            st = os.fstat(handle.fileno())
+            info = zipfile.ZipInfo(rel, date_time=time.localtime(max(st.st_mtime, 315532800))[:6])
+            info.external_attr = (st.st_mode & 0xFFFF) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w") as out:
+                shutil.copyfileobj(handle, out, DOWNLOAD_CHUNK)
 
 
 def _mkstemp(directory: Path) -> tuple[int, str]:
@@ -236,11 +278,9 @@ def workspace_tree(ctx: NodeContext) -> dict[str, Any]:
     budget = [ctx.config.workspace_tree_max_entries]
     truncated = [False]
 
-    def walk(directory: Path, depth: int) -> list[dict[str, Any]]:
+    def walk(dir_fd: int, prefix: str, depth: int) -> list[dict[str, Any]]:
         try:
-            entries = sorted(
-                os.scandir(directory), key=lambda e: (not e.is_dir(follow_symlinks=False), e.name)
-            )
+            entries = sorted(scan(dir_fd), key=lambda e: (not e.is_dir(follow_symlinks=False), e.name))
         except OSError:
             return []
         children: list[dict[str, Any]] = []
@@ -251,44 +291,59 @@ def workspace_tree(ctx: NodeContext) -> dict[str, Any]:
                 truncated[0] = True
                 break
             budget[0] -= 1
-            rel = ctx.relative(Path(entry.path))
+            rel = prefix + entry.name
             if entry.is_symlink():
+                target = os.readlink(entry.name, dir_fd=dir_fd)
+                children.append({"name": entry.name, "type": "symlink", "path": rel, "target": target})
+            elif entry.is_dir(follow_symlinks=False):
                 children.append(
-                    {"name": entry.name, "type": "symlink", "path": rel, "target": os.readlink(entry.path)}
+                    {
+                        "name": entry.name,
+                        "type": "directory",
+                        "path": rel,
+                        "children": subtree(dir_fd, rel, depth),
+                    }
                 )
-            elif entry.is_dir():
-                sub = walk(Path(entry.path), depth + 1) if depth < 64 else []
-                children.append({"name": entry.name, "type": "directory", "path": rel, "children": sub})
             else:
                 try:
-                    size = entry.stat().st_size
+                    size = entry.stat(follow_symlinks=False).st_size
                 except OSError:
                     size = None
                 children.append({"name": entry.name, "type": "file", "path": rel, "size": size})
         return children
 
-    tree: dict[str, Any] = {
-        "name": ctx.workspace.name,
-        "type": "directory",
-        "path": ".",
-        "children": walk(ctx.workspace, 0),
-    }
+    def subtree(dir_fd: int, rel: str, depth: int) -> list[dict[str, Any]]:
+        if depth >= 64:
+            return []
+        try:
+            sub = open_subdir(dir_fd, rel.rsplit("/", 1)[-1], rel)
+        except (OSError, WorkspacePathError):
+            return []
+        try:
+            return walk(sub, rel + "/", depth + 1)
+        finally:
+            os.close(sub)
+
+    with ctx.locate(".") as root:
+        tree: dict[str, Any] = {
+            "name": ctx.workspace.name,
+            "type": "directory",
+            "path": ".",
+            "children": walk(root.dir_fd, "", 0),
+        }
     if truncated[0]:
         tree["truncated"] = True
     return tree
 
 
-def open_regular_file(path: Path) -> tuple[BinaryIO, int]:
-    """``path`` opened for reading, with its size; IsADirectoryError for anything but a regular file."""
-    handle = path.open("rb")
-    try:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise IsADirectoryError(f"{path} is not a regular file")
-    except BaseException:
-        handle.close()
-        raise
-    return handle, info.st_size
+def open_workspace_file(ctx: NodeContext, raw: str) -> tuple[BinaryIO, int, str]:
+    """The workspace file ``raw`` opened for reading, with its size and name.
+
+    FileNotFoundError, IsADirectoryError (not a regular file), WorkspacePathError (outside, a
+    symlink swapped in, several hard links)."""
+    with ctx.locate(raw) as where:
+        handle = os.fdopen(where.open_file(), "rb")
+        return handle, os.fstat(handle.fileno()).st_size, where.name or ""
 
 
 def open_file_response(handle: BinaryIO, size: int, name: str) -> StreamingResponse:
@@ -316,49 +371,53 @@ def open_file_response(handle: BinaryIO, size: int, name: str) -> StreamingRespo
     return StreamingResponse(chunks(), media_type=media, headers=headers)
 
 
-def _entry(ctx: NodeContext, entry: os.DirEntry[str]) -> dict[str, Any]:
-    rel = ctx.relative(Path(entry.path))
+def _entry(dir_fd: int, prefix: str, entry: os.DirEntry[str]) -> dict[str, Any]:
+    rel = prefix + entry.name
     if entry.is_symlink():
         return {"name": entry.name, "path": rel, "type": "symlink", "size": None}
-    if entry.is_dir():
+    if entry.is_dir(follow_symlinks=False):
         return {"name": entry.name, "path": rel, "type": "directory", "size": None}
+    is_file = entry.is_file(follow_symlinks=False)
     try:
-        size = entry.stat().st_size if entry.is_file() else None
+        size = entry.stat(follow_symlinks=False).st_size if is_file else None
     except OSError:
         size = None
-    return {"name": entry.name, "path": rel, "type": "file" if entry.is_file() else "other", "size": size}
+    return {"name": entry.name, "path": rel, "type": "file" if is_file else "other", "size": size}
 
 
 def list_directory(ctx: NodeContext, raw: str) -> dict[str, Any]:
     """The entries of one workspace directory (not recursive), directories first, capped in number."""
-    directory = ctx.resolve(raw)
-    if not directory.exists():
-        raise HTTPException(404, f"{raw!r} not found in the workspace")
-    if not directory.is_dir():
-        raise HTTPException(400, f"{raw!r} is not a directory")
-    limit = ctx.config.workspace_tree_max_entries
-    with os.scandir(directory) as it:
-        entries = [e for e in it if not e.name.startswith(UPLOAD_PREFIX)]
-    entries.sort(key=lambda e: (not e.is_dir(follow_symlinks=False), e.name))
-    answer: dict[str, Any] = {
-        "path": ctx.relative(directory),
-        "entries": [_entry(ctx, e) for e in entries[:limit]],
-    }
+    try:
+        with opened_dir(ctx.workspace, raw) as (dir_fd, rel):
+            limit = ctx.config.workspace_tree_max_entries
+            entries = [e for e in scan(dir_fd) if not e.name.startswith(UPLOAD_PREFIX)]
+            entries.sort(key=lambda e: (not e.is_dir(follow_symlinks=False), e.name))
+            prefix = "" if rel == "." else rel + "/"
+            answer: dict[str, Any] = {
+                "path": rel,
+                "entries": [_entry(dir_fd, prefix, e) for e in entries[:limit]],
+            }
+    except FileNotFoundError:
+        raise HTTPException(404, f"{raw!r} not found in the workspace") from None
+    except NotADirectoryError:
+        raise HTTPException(400, f"{raw!r} is not a directory") from None
     if len(entries) > limit:
         answer["truncated"] = True
     return answer
 
 
 def stat_path(ctx: NodeContext, raw: str) -> dict[str, Any]:
-    """Whether a workspace path exists, and what it is."""
-    path = ctx.resolve(raw)
+    """Whether a workspace path exists, and what it is (a symlink is followed beneath the workspace)."""
     try:
-        st = path.stat()
-    except FileNotFoundError:
-        return {"path": ctx.relative(path), "exists": False}
-    kind = "directory" if path.is_dir() else "file" if path.is_file() else "other"
+        with ctx.locate(raw) as where:
+            st, rel = where.lstat(), where.rel
+    except (FileNotFoundError, NotADirectoryError):
+        st, rel = None, raw
+    if st is None:
+        return {"path": rel, "exists": False}
+    kind = "directory" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "other"
     return {
-        "path": ctx.relative(path),
+        "path": rel,
         "exists": True,
         "type": kind,
         "size": st.st_size if kind == "file" else None,
@@ -372,20 +431,24 @@ def remove_path(ctx: NodeContext, raw: str, recursive: bool) -> dict[str, Any]:
     head, _, name = text.rpartition("/")
     if name in ("", ".", "..") or "\x00" in name:
         raise HTTPException(400, f"{raw!r} names no entry that can be removed (the workspace itself?)")
-    target = ctx.resolve(head or ".") / name
-    if not os.path.lexists(target):
-        raise HTTPException(404, f"{raw!r} not found in the workspace")
-    if target.is_symlink() or not target.is_dir():
-        target.unlink()
-    elif recursive:
-        import shutil
-
-        shutil.rmtree(target)
-    else:
-        try:
-            target.rmdir()
-        except OSError:
-            raise HTTPException(
-                409, f"{raw!r} is a directory that is not empty; remove it with recursive=true"
-            ) from None
-    return {"path": ctx.relative(target), "removed": True}
+    try:
+        with opened_dir(ctx.workspace, head or ".") as (dir_fd, parent):
+            rel = name if parent == "." else f"{parent}/{name}"
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                raise HTTPException(404, f"{raw!r} not found in the workspace") from None
+            if not stat.S_ISDIR(st.st_mode):
+                os.unlink(name, dir_fd=dir_fd)
+            elif recursive:
+                shutil.rmtree(name, dir_fd=dir_fd)
+            else:
+                try:
+                    os.rmdir(name, dir_fd=dir_fd)
+                except OSError:
+                    raise HTTPException(
+                        409, f"{raw!r} is a directory that is not empty; remove it with recursive=true"
+                    ) from None
+    except (FileNotFoundError, NotADirectoryError):
+        raise HTTPException(404, f"{raw!r} not found in the workspace") from None
+    return {"path": rel, "removed": True}

@@ -34,9 +34,10 @@ import aiodocker
 import aiohttp
 import httpx
 from aiodocker.exceptions import DockerError
+from aiodocker.networks import DockerNetwork
 from aiodocker.volumes import DockerVolume
 
-from toolserver.errors import NodeNotFound, RuntimeBackendError, RuntimeUnavailable
+from toolserver.errors import ConfigError, NodeNotFound, RuntimeBackendError, RuntimeUnavailable
 from toolserver.runtimes.base import (
     HEALTHY,
     LABEL_MANAGER,
@@ -50,14 +51,19 @@ from toolserver.runtimes.base import (
 )
 from toolserver.runtimes.docker_config import (
     LABEL_ROLE,
+    NO_ICC,
+    NODE_USER,
+    ROLE_NETWORK,
     ROLE_NODE,
     DockerConfig,
     NodeTemplate,
     check_node_id,
     container_name,
+    parse_size,
     volume_name,
 )
 from toolserver.runtimes.docker_state import from_inspect, from_list_entry
+from toolserver.runtimes.workspace_image import WorkspaceImages
 
 __all__ = ["DockerConfig", "DockerRuntime"]
 
@@ -108,6 +114,12 @@ class DockerRuntime(Runtime):
         self._client: aiodocker.Docker | None = None
         self._http: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: creates in flight: the node network is not removed while one may be about to join it
+        self._creating = 0
+        self.images: WorkspaceImages | None = None
+        if config.workspace_size is not None:
+            size = parse_size(config.workspace_size, "runtime_config.workspace_size")
+            self.images = WorkspaceImages(context.data_dir / "docker-workspaces", size, NODE_USER)
 
     # ---- the client ---------------------------------------------------------------------------------
 
@@ -209,7 +221,10 @@ class DockerRuntime(Runtime):
 
     async def create(self, spec: NodeSpec) -> NodeInfo:
         check_node_id(spec.node_id)
-        body = self.template.container_body(spec)
+        workspace = None
+        if self.images is not None:
+            workspace = str(self.images.mountpoint(spec.node_id))
+        body = self.template.container_body(spec, workspace)
         name = container_name(spec.node_id)
         volume = volume_name(spec.node_id)
         made_volume = False
@@ -217,16 +232,23 @@ class DockerRuntime(Runtime):
         async def create(docker: aiodocker.Docker) -> dict[str, Any] | None:
             """The new container's inspect data; None when the image is missing."""
             nonlocal made_volume
-            try:
-                await docker.volumes.get(volume)
-            except DockerError as exc:
-                if exc.status != 404:
-                    raise
-                await docker.volumes.create(self.template.volume_body(spec))
-                made_volume = True
+            await self._ensure_network(docker, spec.manager_id)
+            if self.images is None:  # else the workspace is the image mounted before
+                try:
+                    await docker.volumes.get(volume)
+                except DockerError as exc:
+                    if exc.status != 404:
+                        raise
+                    await docker.volumes.create(self.template.volume_body(spec))
+                    made_volume = True
             try:
                 container = await docker.containers.create(body, name=name)
             except DockerError as exc:
+                if exc.status == 404 and "network" in exc.message.lower():
+                    # removed by another process of this manager as its last node went: make it again
+                    await self._ensure_network(docker, spec.manager_id)
+                    container = await docker.containers.create(body, name=name)
+                    return await container.show()
                 if exc.status == 404 and "image" in exc.message.lower():
                     return None
                 if exc.status != 409:
@@ -235,7 +257,12 @@ class DockerRuntime(Runtime):
                 container = await docker.containers.create(body, name=name)
             return await container.show()
 
+        self._creating += 1
+        made_image = False
         try:
+            if self.images is not None:
+                made_image = not await asyncio.to_thread(self.images.image(spec.node_id).exists)
+                await (self.images.make(spec.node_id) if made_image else self.images.mount(spec.node_id))
             data = await self._api("create", create)
             if data is None:
                 await self._pull(str(body["Image"]))
@@ -246,8 +273,66 @@ class DockerRuntime(Runtime):
             if made_volume:
                 with contextlib.suppress(Exception):
                     await self._api("volume rm", lambda docker: self._remove_volume(docker, volume))
+            if made_image and self.images is not None:
+                with contextlib.suppress(Exception):
+                    await self.images.remove(spec.node_id)
             raise
+        finally:
+            self._creating -= 1
         return self._info(data)
+
+    async def _ensure_network(self, docker: aiodocker.Docker, manager_id: str) -> None:
+        """Make the manager's node network (a bridge with inter-container traffic off) if missing.
+
+        One network per manager rather than one per node: every node is alone on it all the same
+        (the bridge drops node-to-node packets), and Docker's default address pools hold only
+        about 30 networks, fewer than ``node.max_nodes``. A network of that name that is not this
+        manager's or lets containers talk to each other is refused, never joined.
+        """
+        if self.template.network:
+            return  # the operator's network (or none): used as configured
+        name = self.template.node_network(manager_id)
+        assert name is not None
+        try:
+            net = await docker.networks.get(name)
+            data = await net.show()
+        except DockerError as exc:
+            if exc.status != 404:
+                raise
+            try:
+                await docker.networks.create(self.template.network_body(manager_id))
+                log.info("created node network %s (inter-container traffic off)", name)
+                return
+            except DockerError as again:
+                if again.status != 409:
+                    raise
+                data = await (await docker.networks.get(name)).show()
+        labels = data.get("Labels") or {}
+        if labels.get(LABEL_MANAGER) != manager_id or (data.get("Options") or {}).get(NO_ICC) != "false":
+            raise RuntimeBackendError(
+                f"a Docker network named {name} exists that is not this manager's node network "
+                f"(with {NO_ICC}=false); remove it or give the manager another manager_id"
+            )
+
+    async def _drop_network_if_unused(self, manager_id: str) -> None:
+        """Remove the manager's node network once no container of the manager is left."""
+        if self.template.network or self._creating:
+            return
+        name = self.template.node_network(manager_id)
+        filters = {"label": [f"{LABEL_MANAGER}={manager_id}", f"{LABEL_ROLE}={ROLE_NODE}"]}
+
+        async def drop(docker: aiodocker.Docker) -> None:
+            if await docker.containers.list(all=True, filters=filters) or self._creating:
+                return
+            nets = await docker.networks.list(
+                filters={"name": [name], "label": [f"{LABEL_ROLE}={ROLE_NETWORK}"]}
+            )
+            for net in nets:
+                if net.get("Name") == name and (net.get("Labels") or {}).get(LABEL_MANAGER) == manager_id:
+                    await DockerNetwork(docker, net["Id"]).delete()
+
+        # 403/409: a container joined meanwhile (it is in use); 404: gone already
+        await self._api("network rm", drop, ok=(403, 404, 409))
 
     async def _pull(self, image: str) -> None:
         log.info("node image %s is missing: pulling it", image)
@@ -278,8 +363,24 @@ class DockerRuntime(Runtime):
         log.warning("replacing leftover container %s", name)
         await old.delete(force=True, v=True)
 
+    async def preflight(self) -> None:
+        """With ``workspace_size``, the host must be able to mount workspace images (root, mkfs.ext4)."""
+        if self.images is not None and (why := WorkspaceImages.missing()):
+            raise ConfigError(
+                f"runtime_config.workspace_size is set but {why}; run the manager as root on the "
+                "Docker host, or leave workspace_size unset (Docker volumes, no size limit)"
+            )
+
+    async def _mount_workspace(self, state: dict[str, Any]) -> None:
+        """Mount a size-limited workspace again where it is not (after a host reboot)."""
+        node_id = str(state.get("node_id") or "")
+        if self.images is not None and node_id:
+            check_node_id(node_id)
+            await self.images.mount(node_id)
+
     async def start(self, state: dict[str, Any]) -> NodeInfo:
         ref = self._ref(state)
+        await self._mount_workspace(state)
 
         async def start(docker: aiodocker.Docker) -> dict[str, Any]:
             await docker.containers.container(ref).start()  # 304 (already running) is no error
@@ -299,6 +400,7 @@ class DockerRuntime(Runtime):
 
     async def restart(self, state: dict[str, Any], grace: float = 5.0) -> NodeInfo:
         ref = self._ref(state)
+        await self._mount_workspace(state)
         t = max(0, round(grace))
 
         async def restart(docker: aiodocker.Docker) -> dict[str, Any]:
@@ -325,6 +427,11 @@ class DockerRuntime(Runtime):
         await self._api("rm", rm, ok=(404, 409))  # gone / removal already in progress
         if volume:
             await self._api("volume rm", lambda docker: self._remove_volume(docker, str(volume)))
+        node_id = str(state.get("node_id") or "")
+        if self.images is not None and node_id:
+            check_node_id(node_id)
+            await self.images.remove(node_id)
+        await self._drop_network_if_unused(str(state.get("manager_id") or self.context.manager_id))
 
     async def _remove_volume(self, docker: aiodocker.Docker, name: str) -> None:
         """Delete a volume; gone is fine, in use is retried while its container goes away."""
@@ -377,7 +484,29 @@ class DockerRuntime(Runtime):
             if node_id:
                 state = {"node_id": node_id, "volume": vol["Name"], "manager_id": manager_id}
                 found.append(NodeInfo(node_id=node_id, manager_id=manager_id, status="dead", state=state))
+        if self.images is not None and self.context.manager_id == manager_id:
+            found += await self._image_leftovers(manager_id)
         return found
+
+    async def _image_leftovers(self, manager_id: str) -> list[NodeInfo]:
+        """Workspace images older than a create's budget whose container is gone."""
+        assert self.images is not None
+        known = await self.images.known(older_than=self.start_budget)
+        if not known:
+            return []
+        filters = {"label": [f"{LABEL_MANAGER}={manager_id}", f"{LABEL_ROLE}={ROLE_NODE}"]}
+        containers = await self._api("ps", lambda docker: docker.containers.list(all=True, filters=filters))
+        alive = {(c["Labels"] or {}).get(LABEL_NODE) for c in containers or []}
+        return [
+            NodeInfo(
+                node_id=n,
+                manager_id=manager_id,
+                status="dead",
+                state={"node_id": n, "manager_id": manager_id},
+            )
+            for n in known
+            if n not in alive
+        ]
 
     async def prune_volumes(self, manager_id: str) -> list[str]:
         """Remove ``manager_id``'s workspace volumes that no container uses; return their names."""
@@ -389,6 +518,7 @@ class DockerRuntime(Runtime):
             name = vol["Name"]
             await self._api("volume rm", lambda docker, name=name: self._remove_volume(docker, name))
             removed.append(name)
+        await self._drop_network_if_unused(manager_id)
         return removed
 
     async def ping(self) -> dict[str, Any]:

@@ -128,6 +128,16 @@ def volume_name(node_id: str) -> str:
     return f"{NAME_PREFIX}{node_id}-workspace"
 
 
+ROLE_NETWORK = "network"
+#: The bridge option that drops traffic between containers of the network (each node alone on it).
+NO_ICC = "com.docker.network.bridge.enable_icc"
+
+
+def nodes_network_name(manager_id: str) -> str:
+    """The manager's own node network: one bridge, inter-container traffic off."""
+    return "toolserver-nodes-" + re.sub(r"[^A-Za-z0-9_.-]", "-", manager_id)[:80]
+
+
 def check_node_id(node_id: str) -> None:
     if not _NODE_ID.match(node_id):
         raise RuntimeBackendError(f"node id {node_id!r} cannot name a container ([A-Za-z0-9_.-], max 100)")
@@ -358,6 +368,11 @@ class DockerConfig(RuntimeConfig):
     port: int = Field(IMAGE_PORT, ge=1, le=65535, description="port the node listens on inside its container")
     creation_kwargs: dict[str, Any] = Field(default_factory=dict, description="docker-py create options")
     device_requests: list[dict[str, Any]] | None = None
+    workspace_size: str | int | None = Field(
+        None,
+        description="size limit of each node's workspace (512m, 10g): an ext4 image loop-mounted on the host "
+        "(needs root); none: a Docker volume without a limit",
+    )
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> DockerConfig:
@@ -374,6 +389,8 @@ class DockerConfig(RuntimeConfig):
             )
         if self.device_requests:
             device_requests(self.device_requests, self.key_path(info, "device_requests"))
+        if self.workspace_size is not None:
+            parse_size(self.workspace_size, self.key_path(info, "workspace_size"))
         return self
 
     def engine_url(self) -> str | None:
@@ -448,6 +465,22 @@ class NodeTemplate:
     def network_none(self) -> bool:
         return self.network == "none"
 
+    def node_network(self, manager_id: str) -> str | None:
+        """The network a node joins: the configured one, else the manager's own isolated one."""
+        if self.network:
+            return None if self.network_none else self.network
+        return nodes_network_name(manager_id)
+
+    def network_body(self, manager_id: str) -> dict[str, Any]:
+        """``POST /networks/create`` body of the manager's node network (see :func:`nodes_network_name`)."""
+        return {
+            "Name": nodes_network_name(manager_id),
+            "Driver": "bridge",
+            "CheckDuplicate": True,
+            "Options": {NO_ICC: "false"},
+            "Labels": {**self.translated.labels, LABEL_MANAGER: manager_id, LABEL_ROLE: ROLE_NETWORK},
+        }
+
     def port_key(self) -> str:
         return f"{self.port}/tcp"
 
@@ -463,8 +496,9 @@ class NodeTemplate:
     def volume_body(self, spec: NodeSpec) -> dict[str, Any]:
         return {"Name": volume_name(spec.node_id), "Labels": self.labels(spec)}
 
-    def container_body(self, spec: NodeSpec) -> dict[str, Any]:
-        """The ``POST /containers/create`` body of one node."""
+    def container_body(self, spec: NodeSpec, workspace: str | None = None) -> dict[str, Any]:
+        """The ``POST /containers/create`` body of one node; ``workspace`` a host directory to mount
+        at /workspace instead of the node's volume."""
         check_node_id(spec.node_id)
         env = {
             **self.translated.env,
@@ -472,7 +506,7 @@ class NodeTemplate:
             **spec.env,
             SECRET_ENV: spec.secret,
         }
-        binds = [f"{volume_name(spec.node_id)}:{WORKSPACE}:rw", *self.translated.binds]
+        binds = [f"{workspace or volume_name(spec.node_id)}:{WORKSPACE}:rw", *self.translated.binds]
         cmd: list[str] = []
         extra: dict[str, Any] = {}
         if self.port != IMAGE_PORT:
@@ -493,12 +527,13 @@ class NodeTemplate:
             **extra,
             **self.translated.config,
         }
+        network = self.node_network(spec.manager_id)
         if self.network_none:
             host["NetworkMode"] = "none"
         else:
-            if self.network:
-                host["NetworkMode"] = self.network
-                body["NetworkingConfig"] = {"EndpointsConfig": {self.network: {}}}
+            if network:
+                host["NetworkMode"] = network
+                body["NetworkingConfig"] = {"EndpointsConfig": {network: {}}}
             if self.address_mode == "published":
                 body["ExposedPorts"] = {self.port_key(): {}}
                 host["PortBindings"] = {self.port_key(): [{"HostIp": "127.0.0.1", "HostPort": ""}]}

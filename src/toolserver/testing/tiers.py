@@ -13,7 +13,7 @@ with its reason, never dropped silently::
         with ManagerProcess(tmp_path, **tier.manager_config()) as manager:
             ...
 
-The Docker tier uses the node image named by ``$TOOLSERVER_NODE__IMAGE`` (default
+The Docker and gVisor tiers use the node image named by ``$TOOLSERVER_NODE__IMAGE`` (default
 ``toolserver-node:latest``), so that each developer's and CI's own build is the one tested.
 """
 
@@ -37,11 +37,13 @@ from toolserver.runtimes.registry import create_runtime, validate_config
 
 __all__ = [
     "DOCKER",
+    "GVISOR",
     "IMAGE_ENV",
     "PROCESS",
     "SANDBOX",
     "Tier",
     "docker_unavailable_reason",
+    "gvisor_unavailable_reason",
     "marked_processes",
     "node_image",
     "sandbox_unavailable_reason",
@@ -117,6 +119,23 @@ def docker_unavailable_reason(image: str | None = None) -> str | None:
     return None
 
 
+@functools.cache
+def gvisor_unavailable_reason(image: str | None = None) -> str | None:
+    """Why gVisor nodes cannot run here (Docker's reasons, or no runsc runtime in dockerd), or None."""
+    reason = docker_unavailable_reason(image)
+    if reason:
+        return reason
+    try:
+        answer = subprocess.run(
+            ["docker", "info", "--format", "{{json .Runtimes}}"], capture_output=True, text=True, timeout=20
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"docker CLI unusable: {exc}"
+    if '"runsc"' not in answer.stdout:
+        return "dockerd has no runsc runtime; run: scripts/ensure-docker.sh (installs and registers runsc)"
+    return None
+
+
 def marked_processes(node_id: str) -> list[psutil.Process]:
     """Live processes carrying the process runtime's mark of node ``node_id``."""
     found = []
@@ -189,10 +208,18 @@ DOCKER = Tier(
     marks=("docker",),
 )
 
+GVISOR = Tier(
+    "gvisor",
+    runtime_config={"image": node_image()},
+    unavailable=gvisor_unavailable_reason,
+    leftovers=_docker_leftovers,
+    marks=("docker",),
+)
+
 
 def tiers() -> list[Tier]:
     """Every tier ToolServer offers, whether or not this machine can run it."""
-    return [SANDBOX, PROCESS, DOCKER]
+    return [SANDBOX, PROCESS, DOCKER, GVISOR]
 
 
 def tier_params() -> list[Any]:

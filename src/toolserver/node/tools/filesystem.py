@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
-import tempfile
-from pathlib import Path
+import secrets
+import stat
+from collections.abc import Iterator
+from typing import BinaryIO
 
 from toolserver.errors import ToolArgumentError, ToolError
+from toolserver.node.beneath import Located, open_subdir, scan
 from toolserver.node.registry import Env, tool
 
 _MAX_TREE_LINES = 2000
 _MAX_DEPTH = 20
 
 
-def _is_binary(path: Path) -> bool:
-    with path.open("rb") as fh:
-        return b"\x00" in fh.read(8192)
+def _is_binary(handle: BinaryIO) -> bool:
+    handle.seek(0)
+    binary = b"\x00" in handle.read(8192)
+    handle.seek(0)
+    return binary
+
+
+def _open_existing(where: Located, filepath: str) -> BinaryIO | None:
+    """The file ``where`` names, opened for reading; None when there is none; ToolError when not a file."""
+    try:
+        return os.fdopen(where.open_file(), "rb")
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        raise ToolError(f"{filepath!r} exists and is not a file") from None
 
 
 class FileSystemEnv(Env):
@@ -39,7 +56,7 @@ class FileSystemEnv(Env):
             lines.append(f"Global Root Work Directory: {ctx.workspace}")
         lines.append("- ./")
 
-        def walk(directory: Path, depth: int) -> None:
+        def walk(dir_fd: int, depth: int) -> None:
             if len(lines) >= _MAX_TREE_LINES:
                 return
             indent = "    " * (depth + 1)
@@ -47,7 +64,7 @@ class FileSystemEnv(Env):
                 lines.append(f"{indent}- ... (deeper levels not shown)")
                 return
             try:
-                entries = [e for e in os.scandir(directory) if not ctx.is_ignored(e.name)]
+                entries = [e for e in scan(dir_fd) if not ctx.is_ignored(e.name)]
             except OSError as exc:
                 lines.append(f"{indent}- (cannot list: {exc.strerror})")
                 return
@@ -60,14 +77,22 @@ class FileSystemEnv(Env):
                     lines.append(f"{indent}- ... (listing cut at {_MAX_TREE_LINES} lines)")
                     return
                 if entry.is_symlink():
-                    lines.append(f"{indent}- {entry.name} -> {os.readlink(entry.path)}")
-                elif entry.is_dir():
+                    lines.append(f"{indent}- {entry.name} -> {os.readlink(entry.name, dir_fd=dir_fd)}")
+                elif entry.is_dir(follow_symlinks=False):
                     lines.append(f"{indent}- {entry.name}/")
-                    walk(Path(entry.path), depth + 1)
+                    try:
+                        sub = open_subdir(dir_fd, entry.name, entry.name)
+                    except (OSError, ToolError):
+                        continue  # gone or swapped for a symlink meanwhile
+                    try:
+                        walk(sub, depth + 1)
+                    finally:
+                        os.close(sub)
                 else:
                     lines.append(f"{indent}- {entry.name}")
 
-        walk(ctx.workspace, 0)
+        with ctx.locate(".") as root:
+            walk(root.dir_fd, 0)
         return "\n".join(lines) + "\n"
 
     @tool
@@ -81,28 +106,32 @@ class FileSystemEnv(Env):
             line_number: First line to show (1-based). A negative number counts from the end: -10 shows
                 the last 10 lines.
         """
-        path = self.ctx.resolve(filepath)
-        if not path.exists():
-            raise ToolError(f"file {filepath!r} not found in the workspace")
-        if not path.is_file():
-            raise ToolError(f"{filepath!r} is not a file")
-        if _is_binary(path):
-            raise ToolError(f"{filepath!r} is a binary file; download it instead of reading it as text")
-        return self._numbered(path, line_number)
+        try:
+            with self.ctx.locate(filepath) as where:
+                handle = os.fdopen(where.open_file(), "rb")
+        except (FileNotFoundError, NotADirectoryError):
+            raise ToolError(f"file {filepath!r} not found in the workspace") from None
+        except IsADirectoryError:
+            raise ToolError(f"{filepath!r} is not a file") from None
+        with handle:
+            if _is_binary(handle):
+                raise ToolError(f"{filepath!r} is a binary file; download it instead of reading it as text")
+            return self._numbered(handle, line_number)
 
-    def _numbered(self, path: Path, line_number: int) -> str:
+    def _numbered(self, handle: BinaryIO, line_number: int) -> str:
         limit = self.ctx.config.max_output_chars
         start = line_number
+        handle.seek(0)
         if line_number < 0:
-            with path.open("rb") as fh:
-                total = sum(1 for _ in fh)
+            total = sum(1 for _ in handle)
+            handle.seek(0)
             start = max(1, total + line_number + 1)
         elif line_number == 0:
             start = 1
         out: list[str] = []
         size = 0
         total = 0
-        with path.open("r", encoding="utf-8", errors="replace", newline="") as fh:
+        with io.TextIOWrapper(handle, encoding="utf-8", errors="replace", newline="") as fh:
             for total, line in enumerate(fh, start=1):
                 if total < start:
                     continue
@@ -145,14 +174,35 @@ class FileSystemEnv(Env):
             overwrite: Replace existing lines from line_number on instead of inserting before it.
             end_line: Last line (inclusive) of the range line_number..end_line to replace with content.
         """
-        path = self.ctx.resolve(filepath)
-        if path.exists() and not path.is_file():
-            raise ToolError(f"{filepath!r} exists and is not a file")
-        if path.exists() and _is_binary(path) and not truncating:
-            raise ToolError(f"{filepath!r} is a binary file; set truncating=true to replace it")
-        lines: list[str] = []
-        if path.exists() and not truncating:
-            lines = path.read_text(encoding="utf-8", errors="replace").splitlines(keepends=True)
+        try:
+            where = self.ctx.locate(filepath, create_dirs=True)
+        except NotADirectoryError:
+            raise ToolError(f"a folder on the way to {filepath!r} exists and is not a folder") from None
+        with where:
+            if where.name is None:
+                raise ToolError(f"{filepath!r} exists and is not a file")
+            lines: list[str] = []
+            info = where.lstat()
+            if info is not None and not stat.S_ISREG(info.st_mode):
+                raise ToolError(f"{filepath!r} exists and is not a file")
+            mode = None if info is None else stat.S_IMODE(info.st_mode)
+            old = None if truncating or info is None else _open_existing(where, filepath)
+            if old is not None:  # read through the descriptor: never a file that replaced it meanwhile
+                with old:
+                    mode = stat.S_IMODE(os.fstat(old.fileno()).st_mode)
+                    if _is_binary(old):
+                        raise ToolError(f"{filepath!r} is a binary file; set truncating=true to replace it")
+                    lines = old.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+            text = self._edit(lines, content, line_number, overwrite, end_line)
+            with _replace(where, mode) as written:
+                written.write(text.encode("utf-8"))
+                written.flush()
+                return self._numbered(written, 1)
+
+    @staticmethod
+    def _edit(
+        lines: list[str], content: str, line_number: int | None, overwrite: bool, end_line: int | None
+    ) -> str:
         new = content.splitlines(keepends=True)
         if line_number is None:
             if end_line is not None:
@@ -180,20 +230,23 @@ class FileSystemEnv(Env):
                 stop = index
             lines[index:stop] = new
         lines = [line if line.endswith("\n") else line + "\n" for line in lines]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, "".join(lines))
-        return self._numbered(path, 1)
+        return "".join(lines)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    mode = path.stat().st_mode & 0o7777 if path.exists() else None
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+@contextlib.contextmanager
+def _replace(where: Located, mode: int | None) -> Iterator[BinaryIO]:
+    """A new file beside ``where``'s, renamed over it once written: a hard link is never written through."""
+    assert where.name is not None
+    tmp = f".{where.name[:200]}.{secrets.token_hex(4)}.tmp"
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    handle = os.fdopen(os.open(tmp, flags, 0o644 if mode is None else mode, dir_fd=where.dir_fd), "w+b")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        with handle:
+            if mode is not None:
+                os.fchmod(handle.fileno(), mode)
+            yield handle
+            os.replace(tmp, where.name, src_dir_fd=where.dir_fd, dst_dir_fd=where.dir_fd)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=where.dir_fd)
         raise
