@@ -26,6 +26,7 @@ from typing import Any
 
 from toolserver.errors import DatabaseUnavailable, NodeNotFound, RuntimeBackendError, RuntimeUnavailable
 from toolserver.manager.activity import ActivityBuffer
+from toolserver.manager.lifetime import ASLEEP_STATUSES, idle_limit, lifetime_over, put_to_sleep
 from toolserver.manager.models import Ownership, ToolServerNode, utcnow
 from toolserver.manager.sessions import SessionService
 from toolserver.manager.settings import Settings
@@ -62,7 +63,7 @@ class TickReport:
 
 @dataclass(frozen=True)
 class _Action:
-    kind: str  # "stop" | "release" | "remove" | "remains"
+    kind: str  # "stop" | "expire" | "release" | "remove" | "remains"
     node: ToolServerNode
     why: str = ""
     #: what the runtime reports of the node, when it does
@@ -182,13 +183,17 @@ class NodeChecker:
             if info.status in STOPPED_STATUSES:
                 actions.append(_Action("release", node, "a warm-pool node that stopped"))
             return
+        expired = lifetime_over(node, now)
+        if expired:
+            actions.append(_Action("expire", node, expired))
+            return
         if info.status == NodeStatus.RUNNING:
             last = node.last_req_time
             if self.activity is not None:
                 last = max(last, self.activity.pending(node.id) or last)
-            if now - last >= timedelta(minutes=cfg.idling_close_minutes):
+            if now - last >= idle_limit(node, cfg):
                 actions.append(_Action("stop", node))
-        elif info.status in STOPPED_STATUSES and now - node.status_changed_at >= timedelta(
+        elif info.status in ASLEEP_STATUSES and now - node.status_changed_at >= timedelta(
             minutes=cfg.idling_release_minutes
         ):
             since = node.status_changed_at.isoformat(timespec="seconds")
@@ -199,10 +204,12 @@ class NodeChecker:
         async with self._limit:
             try:
                 if action.kind == "stop":
-                    log.debug("checker: stopping node %s, idle since %s", node.short_id, node.last_req_time)
-                    idle = self.settings.node.idling_close_minutes
-                    await self.sessions.close_node(node, f"idle for {idle:g} min (node.idling_close_minutes)")
+                    log.debug("checker: idle node %s, idle since %s", node.short_id, node.last_req_time)
+                    await put_to_sleep(self.sessions, node)
                     report.stopped.append(node.id)
+                elif action.kind == "expire":
+                    if await self.sessions.remove(node, action.why, event="expired"):
+                        report.released.append(node.id)
                 elif action.kind == "release":
                     if await self.sessions.remove(node, action.why):
                         report.released.append(node.id)

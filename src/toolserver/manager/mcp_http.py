@@ -58,6 +58,7 @@ from toolserver.manager.models import STOPPED_STATUSES
 from toolserver.manager.proxy import NodeProxy, send_json
 from toolserver.manager.sessions import SessionService
 from toolserver.manager.settings import Settings
+from toolserver.manager.wake import sleeping
 from toolserver.mcp_server.sandbox import NodeStream, Sandbox
 from toolserver.mcp_server.server import build_server
 from toolserver.protocol import RETRY_AFTER_SECONDS, SECRET_HEADER
@@ -109,6 +110,8 @@ class NodeSandbox(Sandbox):
         self, path: str, payload: dict[str, Any] | None, method: str = "POST"
     ) -> AsyncIterator[NodeStream]:
         route = await self.sessions.route(self.node_id)
+        if route.status != RUNNING and sleeping(route):  # paused, or stopped for idleness
+            route = await self.sessions.sleep.wake(route)
         if route.status != RUNNING:
             # the proxy's words, so that Sandbox.post restarts a node the checker stopped
             raise NodeUnavailable(f"node is not running: {route.short_id} ({route.status})")

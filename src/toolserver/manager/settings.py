@@ -75,6 +75,28 @@ class NodeSettings(_Strict):
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for every node")
     config: Path | None = Field(None, description="node YAML config handed to every node")
     resources: ResourceLimits = Field(default_factory=ResourceLimits)
+    idle_action: Literal["stop", "pause"] = Field(
+        "stop", description="what an idle node gets: stopped (workspace kept) or paused (memory kept)"
+    )
+
+
+class SessionLimits(_Strict):
+    """What a session may ask for in its options (``/get_cookie`` body), and its default lifetime."""
+
+    default_timeout_seconds: float | None = Field(
+        None, gt=0, description="lifetime of a session that asks for none (null: until released)"
+    )
+    max_timeout_seconds: float = Field(
+        7 * 24 * 3600, gt=0, description="longest lifetime a session may ask for"
+    )
+    max_idle_seconds: float = Field(24 * 3600, gt=0, description="longest idle_seconds a session may ask for")
+    max_resources: ResourceLimits = Field(
+        default_factory=lambda: ResourceLimits(memory="8g", cpus=4.0, pids_limit=4096),
+        description="highest resources a session may ask for (null: no maximum)",
+    )
+    networks: list[str] = Field(
+        default_factory=list, description="networks a session may ask to join (Docker network names)"
+    )
 
 
 class Quotas(_Strict):
@@ -145,6 +167,7 @@ class Settings(EnvOverYamlSettings):
     allow_unauthenticated_network: bool = False
     key_cache_seconds: float = Field(5, gt=0, le=300, description="how long a checked API key is trusted")
     quotas: Quotas = Field(default_factory=Quotas)
+    sessions: SessionLimits = Field(default_factory=SessionLimits)
     limits: RequestLimits = Field(default_factory=RequestLimits)
     metrics_listen: str | None = Field(None, description="host:port serving /metrics without a key")
     log_format: Literal["text", "json"] = "text"

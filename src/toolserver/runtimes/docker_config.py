@@ -482,7 +482,7 @@ class NodeTemplate:
         if self.config_file:
             binds.append(f"{self.config_file}:{NODE_CONFIG_PATH}:ro")
             cmd += ["--config", NODE_CONFIG_PATH]
-        host = {**self.host_config, "Binds": binds}
+        host = {**self.host_config, "Binds": binds, **session_limits(spec)}
         body: dict[str, Any] = {
             "Image": self.image,
             "User": NODE_USER,
@@ -493,14 +493,30 @@ class NodeTemplate:
             **extra,
             **self.translated.config,
         }
-        if self.network_none:
+        network = spec.network or self.network
+        if network == "none":
             host["NetworkMode"] = "none"
         else:
-            if self.network:
-                host["NetworkMode"] = self.network
-                body["NetworkingConfig"] = {"EndpointsConfig": {self.network: {}}}
+            if network:
+                host["NetworkMode"] = network
+                body["NetworkingConfig"] = {"EndpointsConfig": {network: {}}}
             if self.address_mode == "published":
                 body["ExposedPorts"] = {self.port_key(): {}}
                 host["PortBindings"] = {self.port_key(): [{"HostIp": "127.0.0.1", "HostPort": ""}]}
         body["HostConfig"] = host
         return body
+
+
+def session_limits(spec: NodeSpec) -> dict[str, Any]:
+    """HostConfig limits of a session that asked for its own resources (none otherwise)."""
+    res = spec.resources
+    if res is None:
+        return {}
+    host: dict[str, Any] = {}
+    if res.memory is not None:
+        host["Memory"] = host["MemorySwap"] = parse_size(res.memory, "resources.memory")
+    if res.cpus is not None:
+        host["NanoCpus"] = int(res.cpus * 1e9)
+    if res.pids_limit is not None:
+        host["PidsLimit"] = res.pids_limit
+    return host
