@@ -191,7 +191,8 @@ class NodeChecker:
             last = node.last_req_time
             if self.activity is not None:
                 last = max(last, self.activity.pending(node.id) or last)
-            if now - last >= idle_limit(node, cfg):
+            busy = self.activity is not None and self.activity.in_flight(node.id)
+            if not busy and now - last >= idle_limit(node, cfg):
                 actions.append(_Action("stop", node))
         elif info.status in ASLEEP_STATUSES and now - node.status_changed_at >= timedelta(
             minutes=cfg.idling_release_minutes

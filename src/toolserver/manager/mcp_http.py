@@ -115,7 +115,7 @@ class NodeSandbox(Sandbox):
         if route.status != RUNNING:
             # the proxy's words, so that Sandbox.post restarts a node the checker stopped
             raise NodeUnavailable(f"node is not running: {route.short_id} ({route.status})")
-        self.activity.touch(route.node_id)
+        self.activity.begin(route.node_id)
         url = f"http://{route.host}:{route.port}{path}"
         try:
             async with self.proxy.client.request(
@@ -130,6 +130,8 @@ class NodeSandbox(Sandbox):
             log.warning("node %s is not responding: %s", route.short_id, exc)
             self.sessions.forget_route(route.node_id)
             raise NodeUnavailable("node is not responding") from None
+        finally:
+            self.activity.end(route.node_id)
 
     async def restart(self) -> None:
         route = await self.sessions.route(self.node_id)

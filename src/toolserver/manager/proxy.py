@@ -169,6 +169,25 @@ class NodeProxy:
         route = await self.route(scope, node_id, send)
         if route is None:
             return None
+        # while a request is in flight its node is not idle (the checker puts no busy node to sleep)
+        self.activity.begin(route.node_id)
+        try:
+            await self._send_to(route, scope, receive, send, headers, chunked, cancellable, length, started)
+        finally:
+            self.activity.end(route.node_id)
+
+    async def _send_to(
+        self,
+        route: Route,
+        scope: Scope,
+        receive: Any,
+        send: Any,
+        headers: CIMultiDict[str],
+        chunked: bool,
+        cancellable: bool,
+        length: int,
+        started: float,
+    ) -> None:
         headers[SECRET_HEADER] = route.secret
         if scope.get("client"):
             headers["X-Forwarded-For"] = scope["client"][0]
