@@ -74,6 +74,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     activity = ActivityBuffer(store)
     keyring = KeyRing(store, settings) if settings.auth == "api_keys" else None
     events = SessionEvents(store, keyring.name_of if keyring else lambda owner: owner or "-")
+    webhooks = start_webhooks(settings, events, metrics)
     sessions = SessionService(settings, store, runtime, activity, events=events, metrics=metrics)
     proxy = NodeProxy(sessions, activity, settings.node.request_timeout_seconds, metrics=metrics)
     checker = NodeChecker(sessions, activity=activity)
@@ -133,9 +134,23 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await _step("writing last request times", activity.aclose())
         if stop:
             await _step("stopping the nodes", sessions.stop_all())
+        if webhooks is not None:
+            await _step("sending the last webhook events", webhooks.aclose())
         await proxy.aclose()
         await runtime.aclose()
         await store.aclose()
+
+
+def start_webhooks(settings: Settings, events: SessionEvents, metrics: Metrics | None = None) -> Any:
+    """The webhooks' sender, started and fed every session event (None without events.webhooks)."""
+    if not settings.events.webhooks:
+        return None
+    from toolserver.manager.webhooks import Webhooks
+
+    webhooks = Webhooks(settings.events, settings.manager_id, events.owner_name, metrics)
+    webhooks.start()
+    events.sink = webhooks.emit
+    return webhooks
 
 
 async def _step(what: str, work: Awaitable[None]) -> None:

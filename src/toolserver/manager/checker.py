@@ -335,6 +335,9 @@ def run_standalone(settings: Settings) -> int:
         store = await open_store(settings.database_url)
         runtime = create_runtime(settings.runtime_config, settings.runtime_context())
         events = SessionEvents(store, lambda owner: owner or "-")
+        from toolserver.manager.app import start_webhooks
+
+        webhooks = start_webhooks(settings, events)
         checker = NodeChecker(SessionService(settings, store, runtime, ActivityBuffer(store), events=events))
         checker.on_tick = tick_observer(events)
         # signals are handled from the start: a SIGTERM that comes while the record is being
@@ -355,6 +358,8 @@ def run_standalone(settings: Settings) -> int:
             try:
                 await checker.unregister()
             finally:
+                if webhooks is not None:
+                    await webhooks.aclose()
                 await runtime.aclose()
                 await store.aclose()
         return 0

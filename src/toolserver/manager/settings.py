@@ -99,6 +99,30 @@ class SessionLimits(_Strict):
     )
 
 
+class EventSettings(_Strict):
+    """Where session events go besides the log and the admin API: webhooks."""
+
+    webhooks: list[str] = Field(
+        default_factory=list, description="http(s) URLs receiving every session event as a signed JSON POST"
+    )
+    secret: str | None = Field(
+        None, description="shared secret of the X-ToolServer-Signature header (HMAC-SHA256 of the body)"
+    )
+    timeout_seconds: float = Field(5, gt=0, description="longest wait for one delivery")
+    max_attempts: int = Field(12, ge=1, description="deliveries of one event before it is dropped")
+    retry_max_seconds: float = Field(30, gt=0, description="longest pause between two attempts")
+    queue_size: int = Field(10000, ge=1, description="events waiting per URL; beyond it new ones are dropped")
+
+    @model_validator(mode="after")
+    def _signed(self) -> EventSettings:
+        for url in self.webhooks:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"events.webhooks: {url!r} is not an http:// or https:// URL")
+        if self.webhooks and not self.secret:
+            raise ValueError("events.webhooks needs events.secret (the key of their HMAC-SHA256 signature)")
+        return self
+
+
 class Quotas(_Strict):
     """Default quotas of an API key that has none of its own (``null``: no limit)."""
 
@@ -168,6 +192,7 @@ class Settings(EnvOverYamlSettings):
     key_cache_seconds: float = Field(5, gt=0, le=300, description="how long a checked API key is trusted")
     quotas: Quotas = Field(default_factory=Quotas)
     sessions: SessionLimits = Field(default_factory=SessionLimits)
+    events: EventSettings = Field(default_factory=EventSettings)
     limits: RequestLimits = Field(default_factory=RequestLimits)
     metrics_listen: str | None = Field(None, description="host:port serving /metrics without a key")
     log_format: Literal["text", "json"] = "text"

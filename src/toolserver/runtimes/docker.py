@@ -37,6 +37,7 @@ from aiodocker.exceptions import DockerError
 from aiodocker.volumes import DockerVolume
 
 from toolserver.errors import NodeNotFound, RuntimeBackendError, RuntimeUnavailable
+from toolserver.runtimes import docker_fork
 from toolserver.runtimes.base import (
     HEALTHY,
     LABEL_MANAGER,
@@ -208,8 +209,14 @@ class DockerRuntime(Runtime):
     # ---- contract -----------------------------------------------------------------------------------
 
     async def create(self, spec: NodeSpec) -> NodeInfo:
+        return await self._create(spec)
+
+    async def _create(self, spec: NodeSpec, image: str | None = None) -> NodeInfo:
+        """Create the node's volume and container (from ``image`` instead of the node image: a fork)."""
         check_node_id(spec.node_id)
         body = self.template.container_body(spec)
+        if image is not None:
+            body["Image"] = image
         name = container_name(spec.node_id)
         volume = volume_name(spec.node_id)
         made_volume = False
@@ -325,6 +332,8 @@ class DockerRuntime(Runtime):
         await self._api("rm", rm, ok=(404, 409))  # gone / removal already in progress
         if volume:
             await self._api("volume rm", lambda docker: self._remove_volume(docker, str(volume)))
+        if state.get("node_id"):  # a forked node's image (none for others: 404)
+            await self._remove_fork_image(str(state["node_id"]))
 
     async def _remove_volume(self, docker: aiodocker.Docker, name: str) -> None:
         """Delete a volume; gone is fine, in use is retried while its container goes away."""
@@ -400,3 +409,22 @@ class DockerRuntime(Runtime):
         http, self._http = self._http, None
         if http is not None and self._loop is asyncio.get_running_loop():
             await http.aclose()
+
+    # ---- pause and fork (docker_fork.py) ------------------------------------------------------------
+
+    capabilities = frozenset({"pause", "fork", "resources", "network"})
+
+    async def pause(self, state: dict[str, Any]) -> NodeInfo:
+        """Docker's pause (the cgroup freezer): processes and memory kept."""
+        return await docker_fork.pause(self, state)
+
+    async def resume(self, state: dict[str, Any]) -> NodeInfo:
+        return await docker_fork.resume(self, state)
+
+    async def fork(self, state: dict[str, Any], spec: NodeSpec) -> NodeInfo:
+        """Commit the source container's filesystem changes to an image, create node ``spec`` from
+        it, and copy the source's workspace volume into the new node's (the source keeps running)."""
+        return await docker_fork.fork(self, state, spec)
+
+    async def _remove_fork_image(self, node_id: str) -> None:
+        await docker_fork.remove_image(self, node_id)
