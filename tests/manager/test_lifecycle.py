@@ -18,6 +18,8 @@ from toolserver.testing.tiers import Tier, tier_params
 WRITE = "FileSystemEnv_write_to_file"
 READ = "FileSystemEnv_read_from_file"
 CELL = "PythonNotebook_execute_cell"
+#: A file outside the workspace, in a Docker node's home (the container's filesystem)
+INSTALLED = "~/.local/installed.txt"
 
 
 @pytest.fixture(params=tier_params())
@@ -258,6 +260,9 @@ def test_fork_copies_the_workspace_and_leaves_the_source_alone(
             == 200
         )
         assert _tool(client, source, CELL, code="y = 1").status_code == 200
+        if tier.name == "docker":  # a change outside the workspace (a package the agent installed)
+            install = f"mkdir -p ~/.local && echo package > {INSTALLED} && cat {INSTALLED}"
+            assert "package" in _post(client, "/commands", source, {"command": install}).text
         resp = _post(client, "/fork_session", source, {"timeout_seconds": 600})
         assert resp.status_code == 200, resp.text
         answer = resp.json()
@@ -272,6 +277,8 @@ def test_fork_copies_the_workspace_and_leaves_the_source_alone(
         assert manager.node(fork)["labels"] == manager.node(source)["labels"]
         assert "from the source" in _tool(client, fork, READ, filepath="dir/file.txt").text
         assert "NameError" in _tool(client, fork, CELL, code="print(y)").text  # memory is not forked
+        if tier.name == "docker":  # the container's filesystem changes come along
+            assert "package" in _post(client, "/commands", fork, {"command": f"cat {INSTALLED}"}).text
         # each goes its own way
         assert _tool(client, fork, WRITE, filepath="dir/file.txt", content="from the fork").status_code == 200
         assert "from the source" in _tool(client, source, READ, filepath="dir/file.txt").text
