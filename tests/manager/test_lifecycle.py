@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -288,3 +289,24 @@ def test_fork_copies_the_workspace_and_leaves_the_source_alone(
         assert "forked" in _events(manager, _short(manager, source))
         for c in (source, fork):
             assert _post(client, "/release_session", c).status_code == 200
+
+
+# ---- the SDK ---------------------------------------------------------------------------------------
+
+
+def test_sdk_pause_resume_extend_fork(manager: ManagerProcess) -> None:
+    from toolserver.client import ToolServerClient
+
+    with ToolServerClient(manager.url) as client, client.session(timeout=300, labels={"via": "x"}) as session:
+        session.execute_tool(WRITE, {"filepath": "sdk.txt", "content": "from the sdk"})
+        assert session.python("z = 5").error is None
+        assert session.pause().status == "paused"
+        assert session.resume().status == "running"
+        assert "5" in session.python("print(z)").text
+        state = session.extend(7200)
+        assert _from_now(state.expires_at or "") > timedelta(minutes=119)
+        with session.fork(timeout=60) as fork:
+            assert fork.session_id != session.session_id
+            assert "from the sdk" in str(fork.execute_tool(READ, {"filepath": "sdk.txt"}))
+            assert json.loads(manager.node(fork.session_id)["labels"]) == {"via": "x"}
+        assert manager.node(fork.session_id) is None  # released on leaving the block
