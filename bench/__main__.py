@@ -21,6 +21,7 @@ from bench import (
     checker_docker,
     churn,
     first_byte,
+    lifecycle,
     limits,
     machine,
     mcp,
@@ -47,6 +48,7 @@ BENCHMARKS: dict[str, ModuleType] = {
         memory,
         limits,
         churn,
+        lifecycle,
     )
 }
 
