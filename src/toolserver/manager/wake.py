@@ -20,7 +20,7 @@ from toolserver.manager.auth import ANONYMOUS, Caller
 from toolserver.manager.lookups import shared_lookup
 from toolserver.manager.models import Asleep, Ownership, ToolServerNode, utcnow
 from toolserver.protocol import EXPIRES_HEADER, RETRY_AFTER_SECONDS, WOKEN_HEADER
-from toolserver.states import STOPPED_STATUSES, NodeStatus
+from toolserver.states import STOPPED_STATUSES, NodeHealth, NodeStatus
 
 if TYPE_CHECKING:
     from toolserver.manager.sessions import Route, SessionService
@@ -93,7 +93,8 @@ class Sleep:
         s = self.sessions
         async with s._busy(node.id):
             info = await s.runtime.resume(node.runtime_state)
-            info = await s.wait_ready(info.state)
+            if info.health != NodeHealth.HEALTHY:  # (a runtime that probed it itself says so)
+                info = await s.wait_ready(info.state)
             await s.store.update_node(
                 node.id,
                 status=info.status,

@@ -11,13 +11,15 @@ keeps no secret: the source's node secret is blanked in it, and the new node get
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import TYPE_CHECKING, Any
 
 import aiodocker
 
 from toolserver.errors import NodeNotFound, RuntimeBackendError
 from toolserver.protocol import SECRET_ENV
-from toolserver.runtimes.base import LABEL_MANAGER, LABEL_NODE, PAUSED, NodeInfo, NodeSpec
+from toolserver.runtimes.base import HEALTHY, LABEL_MANAGER, LABEL_NODE, PAUSED, STARTING, NodeInfo, NodeSpec
 from toolserver.runtimes.docker_config import WORKSPACE
 
 if TYPE_CHECKING:
@@ -28,6 +30,8 @@ FORK_REPOSITORY = "toolserver-fork"
 #: Longest a commit or a workspace copy may take.
 FORK_TIMEOUT = 600.0
 ARCHIVE_CHUNK = 256 * 1024
+#: How long a resume waits for the node's GET /health to answer.
+RESUME_PROBE_SECONDS = 10.0
 
 
 def fork_image(node_id: str) -> str:
@@ -58,8 +62,25 @@ async def resume(runtime: DockerRuntime, state: dict[str, Any]) -> NodeInfo:
         return await container.show()
 
     info = runtime._info(await runtime._api("unpause", do, missing=True))
-    await runtime._confirm_ready([info])
+    await _answering(runtime, info)
     return info
+
+
+async def _answering(runtime: DockerRuntime, info: NodeInfo) -> None:
+    """Report a just-unpaused node healthy once its GET /health answers 200. Docker's own probe
+    failed while the container was frozen and says "unhealthy" until its next run (30 s later)."""
+    if info.health == HEALTHY or not (info.host and info.port):
+        return
+    saved, info.health = info.health, STARTING
+    deadline = time.monotonic() + RESUME_PROBE_SECONDS
+    while True:
+        await runtime._confirm_ready([info])
+        if info.health == HEALTHY:
+            return
+        if time.monotonic() > deadline:
+            info.health = saved
+            return
+        await asyncio.sleep(0.02)
 
 
 async def fork(runtime: DockerRuntime, state: dict[str, Any], spec: NodeSpec) -> NodeInfo:

@@ -75,16 +75,16 @@ class Freezer:
 
     def freeze(self, node_id: str) -> None:
         """Freeze every process of the node; RuntimeBackendError when that cannot be done."""
-        procs = self.marked(node_id)
         if not self.cgroup:
-            self._signal(procs, signal.SIGSTOP)
+            self._signal(self.marked(node_id), signal.SIGSTOP)
             return
         group = self.group(node_id)
         try:
             group.mkdir(exist_ok=True)
-            for proc in procs:  # anything that escaped the group (it should not)
-                with contextlib.suppress(ProcessLookupError, OSError):
-                    (group / "cgroup.procs").write_text(str(proc.pid))
+            if not (group / "cgroup.procs").read_text().strip():  # never joined: gather its processes
+                for proc in self.marked(node_id):
+                    with contextlib.suppress(ProcessLookupError, OSError):
+                        (group / "cgroup.procs").write_text(str(proc.pid))
             (group / "freezer.state").write_text("FROZEN")
             deadline = time.monotonic() + FREEZE_WAIT
             while (group / "freezer.state").read_text().strip() != "FROZEN":
