@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -310,3 +311,18 @@ def test_sdk_pause_resume_extend_fork(manager: ManagerProcess) -> None:
             assert "from the sdk" in str(fork.execute_tool(READ, {"filepath": "sdk.txt"}))
             assert json.loads(manager.node(fork.session_id)["labels"]) == {"via": "x"}
         assert manager.node(fork.session_id) is None  # released on leaving the block
+
+
+def test_openapi_describes_the_routes_and_options(tmp_path: Path) -> None:
+    from toolserver.manager.app import create_app
+    from toolserver.manager.settings import load_settings
+    from toolserver.testing import scratch_config
+
+    schema = create_app(load_settings(None, **scratch_config(tmp_path))).openapi()
+    for path in ("/extend_session", "/pause_session", "/resume_session", "/fork_session"):
+        assert "409" in schema["paths"][path]["post"]["responses"], path
+    models = schema["components"]["schemas"]
+    options = set(models["SessionOptions"]["properties"])
+    assert {"labels", "timeout_seconds", "idle_seconds", "env", "resources", "network", "isolation"} <= options
+    assert "memory_forked" in models["ForkAnswer"]["properties"]
+    assert "expires_at" in models["CookieAnswer"]["properties"]
