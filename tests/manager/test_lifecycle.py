@@ -323,6 +323,7 @@ def test_openapi_describes_the_routes_and_options(tmp_path: Path) -> None:
         assert "409" in schema["paths"][path]["post"]["responses"], path
     models = schema["components"]["schemas"]
     options = set(models["SessionOptions"]["properties"])
-    assert {"labels", "timeout_seconds", "idle_seconds", "env", "resources", "network", "isolation"} <= options
+    wanted = {"labels", "timeout_seconds", "idle_seconds", "env", "resources", "network", "isolation"}
+    assert wanted <= options
     assert "memory_forked" in models["ForkAnswer"]["properties"]
     assert "expires_at" in models["CookieAnswer"]["properties"]
