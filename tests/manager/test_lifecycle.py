@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -327,3 +328,31 @@ def test_openapi_describes_the_routes_and_options(tmp_path: Path) -> None:
     assert wanted <= options
     assert "memory_forked" in models["ForkAnswer"]["properties"]
     assert "expires_at" in models["CookieAnswer"]["properties"]
+
+
+@pytest.mark.docker
+def test_docker_nodes_get_the_resources_and_network_asked_for(
+    manager_factory: Callable[..., ManagerProcess],
+) -> None:
+    from toolserver.testing.tiers import DOCKER, docker_unavailable_reason
+
+    if docker_unavailable_reason():
+        pytest.skip(f"tier docker: {docker_unavailable_reason()}")
+    manager = _start(manager_factory, DOCKER, sessions={"networks": ["bridge"]})
+    with httpx.Client(base_url=manager.url, timeout=120) as client:
+        too_much = client.post("/get_cookie", json={"resources": {"cpus": 64}})
+        assert too_much.status_code == 422 and "resources.cpus" in too_much.json()["detail"]
+        cookie, _ = _new(client, {"resources": {"memory": "512m", "cpus": 0.5}, "network": "bridge"})
+        state = json.loads(manager.node(cookie)["runtime_state"])
+        host = json.loads(
+            subprocess.run(
+                ["docker", "inspect", "-f", "{{json .HostConfig}}", state["container_id"]],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        assert host["Memory"] == 512 * 1024 * 1024 and host["NanoCpus"] == 500_000_000
+        assert host["NetworkMode"] == "bridge"
+        assert _tool(client, cookie, WRITE, filepath="ok.txt", content="reachable").status_code == 200
+        assert _post(client, "/release_session", cookie).status_code == 200
