@@ -67,7 +67,7 @@ def _measure(ctx: Context, tier: Tier, samples: int, fork_mib: int) -> dict[str,
     out: dict[str, Any] = {"tier": tier.name}
     try:
         with httpx.Client(base_url=manager.url, timeout=300) as client:
-            resp = _ok(client.post("/get_cookie", json={"idle_seconds": 1}))
+            resp = _ok(client.post("/get_cookie"))
             cookie = {"Cookie": f"node_id={resp.cookies['node_id']}"}
             record = manager.node(resp.cookies["node_id"])
             state = json.loads(record["runtime_state"]) if record["runtime_state"] else {}
@@ -83,25 +83,14 @@ def _measure(ctx: Context, tier: Tier, samples: int, fork_mib: int) -> dict[str,
                 if answer.headers.get(WOKEN_HEADER) != "resumed":
                     raise RuntimeError("the call to a paused node did not wake it")
                 wake.append(ms)
-            restart = []
-            for _ in range(max(2, samples // 3)):
-                deadline = time.monotonic() + 60
-                while manager.node(resp.cookies["node_id"])["status"] != "exited":
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the idle node was not stopped within 60 s")
-                    time.sleep(0.05)
-                ms, answer = _timed(lambda: _ok(client.post(CALL, headers=cookie)))
-                if answer.headers.get(WOKEN_HEADER) != "restarted":
-                    raise RuntimeError("the call to a stopped node did not restart it")
-                restart.append(ms)
             out.update(
                 plain_ms=summary(plain),
                 pause_ms=summary(pause),
                 resume_ms=summary(resume),
                 wake_resumed_ms=summary(wake),
-                wake_restarted_ms=summary(restart),
             )
-            # the idle limit would stop the node during the big write and the fork: keep it busy
+            if tier.name == "docker":
+                out.update(_docker_pauses(state, samples))
             big = {"command": f"head -c {fork_mib}M /dev/urandom > big.bin && sync"}
             _ok(client.post("/commands", json=big, headers=cookie))
             forks = []
@@ -110,36 +99,57 @@ def _measure(ctx: Context, tier: Tier, samples: int, fork_mib: int) -> dict[str,
                 forks.append(ms)
                 forked = {"Cookie": f"node_id={answer.cookies['node_id']}"}
                 _ok(client.post("/release_session", headers=forked))
-                _ok(client.post(CALL, headers=cookie))  # wakes the source if the checker stopped it
             out["fork_ms"] = summary(forks)
-            out.update(_references(tier, state, samples))
+            workspace = _workspace_dir(tier, state)  # the same copy by hand, of the same data
+            if workspace.is_dir():
+                out["cp_ms"] = summary([_cp_reference(workspace) for _ in range(2)])
             _ok(client.post("/release_session", headers=cookie))
+            out["wake_restarted_ms"] = summary(_restarts(manager, client, max(2, samples // 3)))
     finally:
         manager.stop()
     return out
 
 
-def _references(tier: Tier, state: dict[str, Any], samples: int) -> dict[str, Any]:
-    refs: dict[str, Any] = {}
-    if tier.name == "docker":
-        container, volume = state.get("container_id") or state.get("container"), state.get("volume")
-        pauses, unpauses = [], []
-        for _ in range(samples):
-            pauses.append(_docker_cli("pause", str(container)))
-            unpauses.append(_docker_cli("unpause", str(container)))
-        refs.update(docker_pause_ms=summary(pauses), docker_unpause_ms=summary(unpauses))
-        found = subprocess.run(
-            ["docker", "volume", "inspect", "-f", "{{.Mountpoint}}", str(volume)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        source = Path(found.stdout.strip())
-    else:
-        source = Path(str(state.get("dir", ""))) / "workspace"
-    if source.is_dir():
-        refs["cp_ms"] = summary([_cp_reference(source) for _ in range(2)])
-    return refs
+def _restarts(manager: Manager, client: httpx.Client, samples: int) -> list[float]:
+    """ms of a call to a node the checker stopped for idleness (a session with idle_seconds 1)."""
+    resp = _ok(client.post("/get_cookie", json={"idle_seconds": 1}))
+    cookie = {"Cookie": f"node_id={resp.cookies['node_id']}"}
+    took = []
+    for _ in range(samples):
+        deadline = time.monotonic() + 60
+        while manager.node(resp.cookies["node_id"])["status"] != "exited":
+            if time.monotonic() > deadline:
+                raise RuntimeError("the idle node was not stopped within 60 s")
+            time.sleep(0.05)
+        ms, answer = _timed(lambda: _ok(client.post(CALL, headers=cookie)))
+        if answer.headers.get(WOKEN_HEADER) != "restarted":
+            raise RuntimeError("the call to a stopped node did not restart it")
+        took.append(ms)
+    _ok(client.post("/release_session", headers=cookie))
+    return took
+
+
+def _docker_pauses(state: dict[str, Any], samples: int) -> dict[str, Any]:
+    """Bare ``docker pause``/``docker unpause`` (the CLI) of the session's container."""
+    container = str(state.get("container_id") or state.get("container"))
+    pauses, unpauses = [], []
+    for _ in range(samples):
+        pauses.append(_docker_cli("pause", container))
+        unpauses.append(_docker_cli("unpause", container))
+    return {"docker_pause_ms": summary(pauses), "docker_unpause_ms": summary(unpauses)}
+
+
+def _workspace_dir(tier: Tier, state: dict[str, Any]) -> Path:
+    """The session's workspace on the host: its directory, or its Docker volume's."""
+    if tier.name != "docker":
+        return Path(str(state.get("dir", ""))) / "workspace"
+    found = subprocess.run(
+        ["docker", "volume", "inspect", "-f", "{{.Mountpoint}}", str(state.get("volume"))],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return Path(found.stdout.strip())
 
 
 def run(ctx: Context) -> Outcome:
