@@ -21,6 +21,7 @@ from bench import (
     checker_docker,
     churn,
     first_byte,
+    keycheck,
     lifecycle,
     limits,
     machine,
@@ -40,6 +41,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     for m in (
         session_ready,
         proxy,
+        keycheck,
         mcp,
         streaming,
         first_byte,

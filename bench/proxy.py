@@ -18,8 +18,10 @@ Two requests: *small*, ``execute_tool`` of ``calculator("6*7")`` (59-byte body, 
 request count and a duration; the full run repeats every (target) measurement in two rounds in
 alternating order and pools them. *Added latency* is the proxied percentile minus the direct one;
 requests per second are the generator's completed answers over its timed phase. *Key check
-adds* is manager + key minus manager, same run. Everything (node, proxy, generator) shares the
-same 2 cores, so throughput is the machine's, not a proxy's alone.
+adds* is manager + key minus manager, same run (two processes: on a loaded machine their spread
+exceeds the check; ``bench/keycheck.py`` measures the check alone, in process). Everything
+(node, proxy, generator) shares the same 2 cores, so throughput is the machine's, not a proxy's
+alone.
 """
 
 from __future__ import annotations
