@@ -14,8 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import ManagerProcess, wait_until
+from tests.support import ManagerProcess, inprocess_manager, wait_until
 from toolserver.protocol import EXPIRES_HEADER, WOKEN_HEADER
+from toolserver.runtimes.process import ProcessRuntime
 from toolserver.testing.tiers import Tier, tier_params
 
 WRITE = "FileSystemEnv_write_to_file"
@@ -356,3 +357,21 @@ def test_docker_nodes_get_the_resources_and_network_asked_for(
         assert host["NetworkMode"] == "bridge"
         assert _tool(client, cookie, WRITE, filepath="ok.txt", content="reachable").status_code == 200
         assert _post(client, "/release_session", cookie).status_code == 200
+
+
+class NoPauseNoForkRuntime(ProcessRuntime):
+    """A tier without the optional capabilities (as a third-party runtime may be)."""
+
+    capabilities = frozenset()
+
+
+async def test_a_tier_without_the_capability_answers_409_naming_it(tmp_path: Path) -> None:
+    manager = inprocess_manager(tmp_path, NoPauseNoForkRuntime)
+    async with manager as (url, _app), httpx.AsyncClient(base_url=url, timeout=60) as client:
+        resp = await client.post("/get_cookie")
+        cookie = _cookie(resp.cookies["node_id"])
+        for path, capability in (("/pause_session", "pause"), ("/fork_session", "fork")):
+            refused = await client.post(path, headers=cookie)
+            assert refused.status_code == 409, refused.text
+            assert f"'{capability}' capability" in refused.json()["detail"]
+        assert (await client.post("/release_session", headers=cookie)).status_code == 200
