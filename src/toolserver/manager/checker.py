@@ -91,6 +91,8 @@ class NodeChecker:
         #: (node, action) pairs whose failure was logged already: said once, not every tick
         self._failing: set[tuple[str, str]] = set()
         self._skipping: str | None = None
+        #: when the current tick asked the runtime for its nodes (real time, as the records' writes)
+        self._listed_at = utcnow()
         #: awaited with the report of every tick the loop runs (metrics, session events)
         self.on_tick: Callable[[TickReport], Awaitable[None]] | None = None
 
@@ -100,6 +102,7 @@ class NodeChecker:
         started = time.perf_counter()
         report = TickReport()
         # runtime first, records second: a node that appears in the list always has its record by then
+        self._listed_at = utcnow()
         listed, leftovers = await asyncio.gather(
             self.runtime.list(self.manager_id), self.runtime.leftovers(self.manager_id)
         )
@@ -167,7 +170,8 @@ class NodeChecker:
                 report.events.append((node, "died", "the node no longer exists"))
             return
         fields: dict[str, Any] = {}
-        if info.status != node.status:
+        # a record changed after the runtime was asked (a pause, a close) is newer than the list
+        if info.status != node.status and node.status_changed_at < self._listed_at:
             log.debug("checker: node %s status %s -> %s", node.short_id, node.status, info.status)
             if info.status in STOPPED_STATUSES and node.status not in STOPPED_STATUSES and not node.pooled:
                 report.events.append((node, "died", info.detail or f"status {info.status}"))

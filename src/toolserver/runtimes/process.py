@@ -456,9 +456,14 @@ class ProcessRuntime(Runtime):
             raise NodeNotFound(f"node directory {node_dir} is gone")
         if _process(mark.get("pid"), mark.get("create_time")) is None:
             raise RuntimeBackendError(f"node {mark['node_id']} is not running: nothing to pause")
-        await asyncio.to_thread(self.freezer.freeze, mark["node_id"])
-        mark["paused"] = True
+        mark["paused"] = True  # first: from now on nobody probes it as a running node
         await asyncio.to_thread(self._write_mark, node_dir, mark)
+        try:
+            await asyncio.to_thread(self.freezer.freeze, mark["node_id"])
+        except BaseException:
+            mark.pop("paused")
+            await asyncio.to_thread(self._write_mark, node_dir, mark)
+            raise
         return self._observe(mark)
 
     async def resume(self, state: dict[str, Any]) -> NodeInfo:
