@@ -22,6 +22,7 @@ from bench import (
     churn,
     first_byte,
     keycheck,
+    lifecycle,
     limits,
     machine,
     mcp,
@@ -51,6 +52,7 @@ BENCHMARKS: dict[str, ModuleType] = {
         memory,
         limits,
         churn,
+        lifecycle,
     )
 }
 

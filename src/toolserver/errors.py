@@ -14,6 +14,7 @@
     │   ├── NotYourSession          the session belongs to another API key (403)
     │   ├── UnknownSession          no session with that short id (admin API, 404)
     │   ├── InvalidRequest          a bad parameter of a session route (422)
+    │   ├── SessionConflict         the session's node cannot do that now, or its tier never can (409)
     │   ├── Draining                the manager takes no new sessions (503)
     │   ├── CapacityExceeded        node.max_nodes reached (429, Retry-After)
     │   │   └── QuotaExceeded       an API key's quota reached; names the quota (429, Retry-After)
@@ -97,6 +98,11 @@ class Draining(SessionError):
 
 class InvalidRequest(SessionError):
     """A session route got a parameter it cannot use; the message says which and why."""
+
+
+class SessionConflict(SessionError):
+    """The session's node is in no state for the request (pausing a stopped node), or its tier
+    lacks the capability (pause, fork); the message names which."""
 
 
 class CapacityExceeded(SessionError):

@@ -92,11 +92,37 @@ LabelValue = Annotated[str, StringConstraints(max_length=256), AfterValidator(_p
 MAX_LABELS = 32
 
 
+#: Text a process can take: no NUL byte (the operating system cannot pass one).
+ProcessText = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
+
+
+#: Most environment variables a session may set (``env`` of the session options).
+MAX_SESSION_ENV = 64
+#: Answer header with the session's expiry (ISO 8601 UTC; absent when it has none).
+EXPIRES_HEADER = "X-Session-Expires"
+#: Answer header on a request that woke its node: ``resumed`` (memory kept) or ``restarted`` (workspace only).
+WOKEN_HEADER = "X-Node-Woken"
+
+
+class SessionResources(BaseModel):
+    """Resource limits a session asks for (``resources``); unset keys take ``node.resources``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    memory: Annotated[str, StringConstraints(pattern=r"^[0-9]+(\.[0-9]+)?[bkmgBKMG]?$")] | None = Field(
+        None, description="memory limit, Docker syntax: 512m, 2g"
+    )
+    cpus: float | None = Field(None, gt=0, allow_inf_nan=False)
+    pids_limit: int | None = Field(None, gt=0)
+
+
 class SessionOptions(BaseModel):
     """Options of a new session: the optional JSON body of ``/get_cookie``.
 
     The one place session options are read: every option is a field here, unknown keys are
-    refused (422 naming the key), and an empty body (XAgent's) means all defaults.
+    refused (422 naming the key), and an empty body (XAgent's) means all defaults. Maximums are
+    the operator's (``sessions.*``) and are checked by the manager (:mod:`toolserver.manager.options`).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -106,11 +132,54 @@ class SessionOptions(BaseModel):
         max_length=MAX_LABELS,
         description='free-form labels of the session, e.g. {"team": "search"}; filterable in the admin API',
     )
+    timeout_seconds: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="absolute lifetime: the session is released this long after it starts "
+        "(at most sessions.max_timeout_seconds; default sessions.default_timeout_seconds)",
+    )
+    idle_seconds: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="stop (or pause, node.idle_action) the node after this long without requests "
+        "(at most sessions.max_idle_seconds; default node.idling_close_minutes)",
+    )
+    env: dict[EnvName, ProcessText] = Field(
+        default_factory=dict,
+        max_length=MAX_SESSION_ENV,
+        description="environment variables of the node's tools (over node.env)",
+    )
+    resources: SessionResources | None = Field(
+        None, description="resource limits of the node, within sessions.max_resources"
+    )
+    network: str | None = Field(
+        None, max_length=255, description="the network the node joins: one of sessions.networks"
+    )
+    isolation: str | None = Field(
+        None, max_length=64, description="the isolation tier; only the manager's own is accepted"
+    )
+
+    def shapes_node(self) -> bool:
+        """Whether the node itself must differ from a default one (a warm-pool node cannot serve)."""
+        return bool(self.env) or self.resources is not None or self.network is not None
 
 
-#: Text a process can take: no NUL byte (the operating system cannot pass one).
-ProcessText = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
-EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=256)]
+class ExtendRequest(BaseModel):
+    """``POST /extend_session``: the session's lifetime from now (``timeout_seconds``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_seconds: float = Field(gt=0, allow_inf_nan=False, description="seconds from now")
+
+
+class ReconnectOptions(BaseModel):
+    """The optional body of ``/reconnect_session``: a new lifetime, from now."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_seconds: float | None = Field(None, gt=0, allow_inf_nan=False, description="seconds from now")
 
 
 class _Body(BaseModel):

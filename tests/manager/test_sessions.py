@@ -74,7 +74,13 @@ def test_xagent_style_requests(manager: ManagerProcess, tmp_path: Path) -> None:
     url = manager.url
     response = requests.post(f"{url}/get_cookie")
     assert response.status_code == 200
-    assert response.json() == {"message": "add cookie", "version": manager.config.get("version", "0.1.0")}
+    # XAgent's two keys as they were; the session's id and expiry besides (issue 11)
+    body = response.json()
+    assert {k: body[k] for k in ("message", "version")} == {
+        "message": "add cookie",
+        "version": manager.config.get("version", "0.1.0"),
+    }
+    assert set(body) == {"message", "version", "session_id", "expires_at"}
     assert response.headers["Server"].startswith("ToolServerManager/")
     cookies = response.cookies
     node_id = cookies["node_id"]

@@ -27,6 +27,7 @@ from toolserver.client.results import (
     FileInfo,
     PythonResult,
     SessionInfo,
+    SessionState,
 )
 from toolserver.client.sync import CommandHandle, Files, Session, ToolServerClient
 from toolserver.errors import (
@@ -68,6 +69,7 @@ __all__ = [
     "Session",
     "SessionInfo",
     "SessionNotFoundError",
+    "SessionState",
     "StreamBrokenError",
     "ToolFailedError",
     "ToolNotFoundError",

@@ -21,6 +21,7 @@ from toolserver.client.results import (
     FileInfo,
     PythonResult,
     SessionInfo,
+    SessionState,
     from_json,
 )
 from toolserver.errors import (
@@ -151,6 +152,20 @@ def session_options(
     lifetime in seconds; other options go as they are (``idle_seconds``, ``env``, ...)."""
     body = {k: v for k, v in options.items() if v is not None}
     if labels:
+        body["labels"] = dict(labels)
+    if timeout is not None:
+        body["timeout_seconds"] = timeout
+    return body or None
+
+
+def session_state(resp: httpx.Response) -> SessionState:
+    return from_json(SessionState, check(resp).json())
+
+
+def fork_body(labels: dict[str, str] | None, timeout: float | None) -> dict[str, Any] | None:
+    """The ``/fork_session`` body: the new session's labels and lifetime (None: the source's labels)."""
+    body: dict[str, Any] = {}
+    if labels is not None:
         body["labels"] = dict(labels)
     if timeout is not None:
         body["timeout_seconds"] = timeout

@@ -21,6 +21,7 @@ from toolserver.client.results import (
     FileInfo,
     PythonResult,
     SessionInfo,
+    SessionState,
     from_json,
 )
 from toolserver.errors import ClientError, ToolFailedError
@@ -249,6 +250,26 @@ class AsyncSession:
 
     async def reconnect(self) -> None:
         await self._post("/reconnect_session")
+
+    async def pause(self) -> SessionState:
+        """Freeze the node with its memory; see :meth:`toolserver.client.Session.pause`."""
+        return wire.session_state(await self._post("/pause_session"))
+
+    async def resume(self) -> SessionState:
+        return wire.session_state(await self._post("/resume_session"))
+
+    async def extend(self, timeout: float) -> SessionState:  # noqa: ASYNC109 - the session's lifetime
+        return wire.session_state(await self._post("/extend_session", json={"timeout_seconds": timeout}))
+
+    async def fork(
+        self,
+        *,
+        labels: dict[str, str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the new session's lifetime
+    ) -> AsyncSession:
+        """A new session from a copy of this one's workspace; see :meth:`toolserver.client.Session.fork`."""
+        resp = await self._post("/fork_session", json=wire.fork_body(labels, timeout))
+        return AsyncSession(self._http, wire.new_session_id(resp))
 
     async def close(self) -> None:
         await self._post("/close_session")

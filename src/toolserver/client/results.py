@@ -36,6 +36,18 @@ class SessionInfo:
 
 
 @dataclass(frozen=True)
+class SessionState:
+    """A session's state as ``pause``, ``resume`` and ``extend`` report it."""
+
+    #: the short id (what the admin API and the events name)
+    session_id: str
+    #: running, paused, exited, ...
+    status: str
+    #: ISO 8601 UTC; None when the session never expires
+    expires_at: str | None
+
+
+@dataclass(frozen=True)
 class CommandResult:
     """A command that has ended (or, from ``CommandHandle.output()``, its output so far)."""
 

@@ -16,6 +16,7 @@ from toolserver.client.results import (
     FileInfo,
     PythonResult,
     SessionInfo,
+    SessionState,
     from_json,
 )
 from toolserver.errors import ClientError, ToolFailedError
@@ -229,6 +230,24 @@ class Session:
     def reconnect(self) -> None:
         """Restart the node (workspace kept) and wait until it serves."""
         self._post("/reconnect_session")
+
+    def pause(self) -> SessionState:
+        """Freeze the node with its memory; the next request (or :meth:`resume`) thaws it."""
+        return wire.session_state(self._post("/pause_session"))
+
+    def resume(self) -> SessionState:
+        """Thaw a paused node: processes and memory as they were."""
+        return wire.session_state(self._post("/resume_session"))
+
+    def extend(self, timeout: float) -> SessionState:
+        """Make the session expire ``timeout`` seconds from now."""
+        return wire.session_state(self._post("/extend_session", json={"timeout_seconds": timeout}))
+
+    def fork(self, *, labels: dict[str, str] | None = None, timeout: float | None = None) -> Session:
+        """A new session starting from a copy of this one's workspace (Docker: and of its
+        container's filesystem); memory is not forked. ``labels`` default to this session's."""
+        resp = self._post("/fork_session", json=wire.fork_body(labels, timeout))
+        return Session(self._http, wire.new_session_id(resp))
 
     def close(self) -> None:
         """Stop the node; ``reconnect`` starts it again."""

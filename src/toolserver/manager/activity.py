@@ -33,6 +33,7 @@ class ActivityBuffer:
         self.interval = interval
         self.max_pending = max_pending
         self._pending: dict[str, datetime] = {}
+        self._inflight: dict[str, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._failing = False
         self.dropped = 0
@@ -43,6 +44,24 @@ class ActivityBuffer:
             self.dropped += 1
             return
         pending[node_id] = utcnow()
+
+    def begin(self, node_id: str) -> None:
+        """A request for ``node_id`` starts: touched, and counted in flight until :meth:`end`."""
+        self.touch(node_id)
+        self._inflight[node_id] = self._inflight.get(node_id, 0) + 1
+
+    def end(self, node_id: str) -> None:
+        """The request ends: touched again (its end is activity too)."""
+        self.touch(node_id)
+        left = self._inflight.get(node_id, 0) - 1
+        if left > 0:
+            self._inflight[node_id] = left
+        else:
+            self._inflight.pop(node_id, None)
+
+    def in_flight(self, node_id: str) -> bool:
+        """Whether this process is forwarding a request to ``node_id`` right now."""
+        return node_id in self._inflight
 
     def forget(self, node_id: str) -> None:
         self._pending.pop(node_id, None)

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import Body, Cookie, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from toolserver.errors import (
     AdminRequired,
@@ -33,6 +33,7 @@ from toolserver.errors import (
     NotYourSession,
     RuntimeBackendError,
     RuntimeUnavailable,
+    SessionConflict,
     UnknownSession,
 )
 from toolserver.manager import admin, dashboard
@@ -40,15 +41,17 @@ from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.auth import ANONYMOUS, SCOPE_KEY, Caller, KeyRing, credentials, current_caller
 from toolserver.manager.checker import NodeChecker
 from toolserver.manager.events import SessionEvents, tick_observer
+from toolserver.manager.lifecycle_routes import LIFECYCLE_PATHS, add_lifecycle_routes, expiry_header
 from toolserver.manager.limits import limited_body, replay
 from toolserver.manager.metrics import Metrics
+from toolserver.manager.options import expires_text
 from toolserver.manager.proxy import NodeProxy, send_json
 from toolserver.manager.session_list import list_sessions, parse_label_filters
 from toolserver.manager.sessions import SessionService
 from toolserver.manager.settings import Settings
 from toolserver.manager.store import open_store
 from toolserver.manager.ws_proxy import WebSocketProxy
-from toolserver.protocol import COOKIE_NAME, RETRY_AFTER_SECONDS, SessionOptions
+from toolserver.protocol import COOKIE_NAME, RETRY_AFTER_SECONDS, ReconnectOptions, SessionOptions
 from toolserver.runtimes import Runtime, create_runtime
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     activity = ActivityBuffer(store)
     keyring = KeyRing(store, settings) if settings.auth == "api_keys" else None
     events = SessionEvents(store, keyring.name_of if keyring else lambda owner: owner or "-")
+    webhooks = start_webhooks(settings, events, metrics)
     sessions = SessionService(settings, store, runtime, activity, events=events, metrics=metrics)
     proxy = NodeProxy(sessions, activity, settings.node.request_timeout_seconds, metrics=metrics)
     checker = NodeChecker(sessions, activity=activity)
@@ -130,9 +134,23 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await _step("writing last request times", activity.aclose())
         if stop:
             await _step("stopping the nodes", sessions.stop_all())
+        if webhooks is not None:
+            await _step("sending the last webhook events", webhooks.aclose())
         await proxy.aclose()
         await runtime.aclose()
         await store.aclose()
+
+
+def start_webhooks(settings: Settings, events: SessionEvents, metrics: Metrics | None = None) -> Any:
+    """The webhooks' sender, started and fed every session event (None without events.webhooks)."""
+    if not settings.events.webhooks:
+        return None
+    from toolserver.manager.webhooks import Webhooks
+
+    webhooks = Webhooks(settings.events, settings.manager_id, events.owner_name, metrics)
+    webhooks.start()
+    events.sink = webhooks.emit
+    return webhooks
 
 
 async def _step(what: str, work: Awaitable[None]) -> None:
@@ -190,7 +208,7 @@ class ManagerApp(FastAPI):
     #: Paths anyone may fetch: liveness, and the dashboard's page (its data needs an admin key).
     public_paths: frozenset[str] = frozenset({"/alive", "/dashboard"})
     body_limited: frozenset[str] = frozenset(
-        {"/get_cookie", "/reconnect_session", "/close_session", "/release_session"}
+        {"/get_cookie", "/reconnect_session", "/close_session", "/release_session", *LIFECYCLE_PATHS}
     )
     body_limit: int = 64 * 1024
 
@@ -241,6 +259,8 @@ class ManagerApp(FastAPI):
 class CookieAnswer(BaseModel):
     message: str
     version: str
+    session_id: str = Field(description="the session's short id (admin API, events, logs)")
+    expires_at: str | None = Field(description="when the session is released (ISO 8601 UTC), null: never")
 
 
 SESSION_ERRORS: dict[int | str, dict[str, Any]] = {
@@ -310,6 +330,10 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> ManagerApp
     async def _draining(_: Request, exc: Draining) -> JSONResponse:
         return _error(503, str(exc), **{"Retry-After": str(RETRY_AFTER_SECONDS)})
 
+    @app.exception_handler(SessionConflict)
+    async def _conflict(_: Request, exc: SessionConflict) -> JSONResponse:
+        return _error(409, str(exc))
+
     @app.exception_handler(CapacityExceeded)
     async def _full(_: Request, exc: CapacityExceeded) -> JSONResponse:
         return _error(429, str(exc), **{"Retry-After": str(exc.retry_after)})
@@ -356,7 +380,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> ManagerApp
     ) -> CookieAnswer:
         """Start a session: a node of its own, ready when this answers; its cookie is ``node_id``.
 
-        The body is optional (XAgent sends none): ``{"labels": {...}}``.
+        The body is optional (XAgent sends none): see SessionOptions. The answer names the session
+        (``session_id``) and its expiry (``expires_at``, also the X-Session-Expires header).
         """
         sessions = sessions_of(request)
         node = await sessions.create(caller, options)
@@ -364,7 +389,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> ManagerApp
             log.info("client left during the create of node %s; removing it", node.short_id)
             await sessions.discard(node)
             return _error(503, "client disconnected")  # type: ignore[return-value]
-        response = JSONResponse({"message": "add cookie", "version": settings.version})
+        expires = expires_text(node.expires_at)
+        answer = {"message": "add cookie", "version": settings.version, "session_id": node.short_id}
+        response = JSONResponse({**answer, "expires_at": expires}, headers=expiry_header(node))
         response.headers["Server"] = server_header
         response.set_cookie(COOKIE_NAME, node.id, httponly=True, samesite="lax")
         # the record becomes the session's now, and the answer goes out with no I/O in between
@@ -384,11 +411,16 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> ManagerApp
 
     @app.post("/reconnect_session", responses=SESSION_ERRORS | NEW_SESSION_ERRORS, tags=["sessions"])
     async def reconnect_session(
-        request: Request, caller: Caller = CallerDep, node_id: str | None = Cookie(None)
+        request: Request,
+        caller: Caller = CallerDep,
+        node_id: str | None = Cookie(None),
+        options: ReconnectOptions | None = Body(None),
     ) -> str:
-        """Restart the session's node (workspace kept) and wait until it serves."""
-        node = await sessions_of(request).reconnect(node_id, caller)
-        return f"Reconnect session: {node.short_id}"
+        """Restart the session's node (workspace kept) and wait until it serves. The session's
+        expiry stays as it was unless the body's ``timeout_seconds`` moves it (from now)."""
+        timeout = options.timeout_seconds if options is not None else None
+        node = await sessions_of(request).reconnect(node_id, caller, timeout)
+        return JSONResponse(f"Reconnect session: {node.short_id}", headers=expiry_header(node))  # type: ignore[return-value]
 
     @app.post("/close_session", responses=SESSION_ERRORS, tags=["sessions"])
     async def close_session(
@@ -406,6 +438,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> ManagerApp
         node = await sessions_of(request).release(node_id, caller)
         return f"Release session: {node.short_id}"
 
+    add_lifecycle_routes(app, CallerDep)
     app.include_router(admin.router)
     app.include_router(dashboard.router)
 

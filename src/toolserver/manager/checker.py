@@ -26,6 +26,7 @@ from typing import Any
 
 from toolserver.errors import DatabaseUnavailable, NodeNotFound, RuntimeBackendError, RuntimeUnavailable
 from toolserver.manager.activity import ActivityBuffer
+from toolserver.manager.lifetime import ASLEEP_STATUSES, idle_limit, lifetime_over, put_to_sleep
 from toolserver.manager.models import Ownership, ToolServerNode, utcnow
 from toolserver.manager.sessions import SessionService
 from toolserver.manager.settings import Settings
@@ -62,7 +63,7 @@ class TickReport:
 
 @dataclass(frozen=True)
 class _Action:
-    kind: str  # "stop" | "release" | "remove" | "remains"
+    kind: str  # "stop" | "expire" | "release" | "remove" | "remains"
     node: ToolServerNode
     why: str = ""
     #: what the runtime reports of the node, when it does
@@ -90,6 +91,8 @@ class NodeChecker:
         #: (node, action) pairs whose failure was logged already: said once, not every tick
         self._failing: set[tuple[str, str]] = set()
         self._skipping: str | None = None
+        #: when the current tick asked the runtime for its nodes (real time, as the records' writes)
+        self._listed_at = utcnow()
         #: awaited with the report of every tick the loop runs (metrics, session events)
         self.on_tick: Callable[[TickReport], Awaitable[None]] | None = None
 
@@ -99,6 +102,7 @@ class NodeChecker:
         started = time.perf_counter()
         report = TickReport()
         # runtime first, records second: a node that appears in the list always has its record by then
+        self._listed_at = utcnow()
         listed, leftovers = await asyncio.gather(
             self.runtime.list(self.manager_id), self.runtime.leftovers(self.manager_id)
         )
@@ -166,7 +170,8 @@ class NodeChecker:
                 report.events.append((node, "died", "the node no longer exists"))
             return
         fields: dict[str, Any] = {}
-        if info.status != node.status:
+        # a record changed after the runtime was asked (a pause, a close) is newer than the list
+        if info.status != node.status and node.status_changed_at < self._listed_at:
             log.debug("checker: node %s status %s -> %s", node.short_id, node.status, info.status)
             if info.status in STOPPED_STATUSES and node.status not in STOPPED_STATUSES and not node.pooled:
                 report.events.append((node, "died", info.detail or f"status {info.status}"))
@@ -184,13 +189,18 @@ class NodeChecker:
             if info.status in STOPPED_STATUSES:
                 actions.append(_Action("release", node, "a warm-pool node that stopped"))
             return
+        expired = lifetime_over(node, now)
+        if expired:
+            actions.append(_Action("expire", node, expired))
+            return
         if info.status == NodeStatus.RUNNING:
             last = node.last_req_time
             if self.activity is not None:
                 last = max(last, self.activity.pending(node.id) or last)
-            if now - last >= timedelta(minutes=cfg.idling_close_minutes):
+            busy = self.activity is not None and self.activity.in_flight(node.id)
+            if not busy and now - last >= idle_limit(node, cfg):
                 actions.append(_Action("stop", node))
-        elif info.status in STOPPED_STATUSES and now - node.status_changed_at >= timedelta(
+        elif info.status in ASLEEP_STATUSES and now - node.status_changed_at >= timedelta(
             minutes=cfg.idling_release_minutes
         ):
             since = node.status_changed_at.isoformat(timespec="seconds")
@@ -201,10 +211,12 @@ class NodeChecker:
         async with self._limit:
             try:
                 if action.kind == "stop":
-                    log.debug("checker: stopping node %s, idle since %s", node.short_id, node.last_req_time)
-                    idle = self.settings.node.idling_close_minutes
-                    await self.sessions.close_node(node, f"idle for {idle:g} min (node.idling_close_minutes)")
+                    log.debug("checker: idle node %s, idle since %s", node.short_id, node.last_req_time)
+                    await put_to_sleep(self.sessions, node)
                     report.stopped.append(node.id)
+                elif action.kind == "expire":
+                    if await self.sessions.remove(node, action.why, event="expired"):
+                        report.released.append(node.id)
                 elif action.kind == "release":
                     if await self.sessions.remove(node, action.why):
                         report.released.append(node.id)
@@ -329,6 +341,9 @@ def run_standalone(settings: Settings) -> int:
         store = await open_store(settings.database_url)
         runtime = create_runtime(settings.runtime_config, settings.runtime_context())
         events = SessionEvents(store, lambda owner: owner or "-")
+        from toolserver.manager.app import start_webhooks
+
+        webhooks = start_webhooks(settings, events)
         checker = NodeChecker(SessionService(settings, store, runtime, ActivityBuffer(store), events=events))
         checker.on_tick = tick_observer(events)
         # signals are handled from the start: a SIGTERM that comes while the record is being
@@ -349,6 +364,8 @@ def run_standalone(settings: Settings) -> int:
             try:
                 await checker.unregister()
             finally:
+                if webhooks is not None:
+                    await webhooks.aclose()
                 await runtime.aclose()
                 await store.aclose()
         return 0

@@ -3,8 +3,12 @@
 Events: ``created`` (a cold start; its row is written with the record, see
 :meth:`Store.admit_node`), ``claimed`` (a warm-pool node), ``failed`` (a start that did not come
 up), ``reconnected``, ``closed``, ``released`` and ``died`` (the node stopped or vanished
-without being asked). A line names the session by its short id and its owner by key name, never
-a cookie, key or secret::
+without being asked); ``paused``, ``woken``, ``forked``, ``extended`` and ``expired`` (the
+lifetime's, see :mod:`toolserver.manager.wake`). Each also goes to the webhooks
+(:mod:`toolserver.manager.webhooks`) when there are any.
+
+A line names the session by its short id and its owner by key name, never a cookie, key or
+secret::
 
     session 3f9a1c2b7d4e created owner=alice labels={'run': 'nightly'} (cold start, 1.21 s)
 
@@ -41,10 +45,14 @@ class SessionEvents:
         self.store = store
         self.owner_name = owner_name
         self._since_prune = 0
+        #: called with every event as it is logged (the webhooks' queue, which never waits)
+        self.sink: Callable[[ToolServerNode, str, str | None], None] | None = None
 
     def log(
         self, node: ToolServerNode, kind: str, detail: str | None = None, level: int = logging.INFO
     ) -> None:
+        if self.sink is not None:
+            self.sink(node, kind, detail)
         owner = self.owner_name(node.owner)
         labels = f" labels={node.labels}" if node.labels and kind in ("created", "claimed") else ""
         suffix = f" ({detail})" if detail else ""

@@ -59,6 +59,7 @@ from toolserver.manager.proxy import NodeProxy, send_json
 from toolserver.manager.sessions import SessionService
 from toolserver.manager.settings import Settings
 from toolserver.manager.upstream import node_url
+from toolserver.manager.wake import sleeping
 from toolserver.mcp_server.sandbox import NodeStream, Sandbox
 from toolserver.mcp_server.server import build_server
 from toolserver.protocol import RETRY_AFTER_SECONDS, SECRET_HEADER
@@ -110,10 +111,12 @@ class NodeSandbox(Sandbox):
         self, path: str, payload: dict[str, Any] | None, method: str = "POST"
     ) -> AsyncIterator[NodeStream]:
         route = await self.sessions.route(self.node_id)
+        if route.status != RUNNING and sleeping(route):  # paused, or stopped for idleness
+            route = await self.sessions.sleep.wake(route)
         if route.status != RUNNING:
             # the proxy's words, so that Sandbox.post restarts a node the checker stopped
             raise NodeUnavailable(f"node is not running: {route.short_id} ({route.status})")
-        self.activity.touch(route.node_id)
+        self.activity.begin(route.node_id)
         url = node_url(self.proxy.client, route.host, route.port, path)
         try:
             async with self.proxy.client.request(
@@ -128,6 +131,8 @@ class NodeSandbox(Sandbox):
             log.warning("node %s is not responding: %s", route.short_id, exc)
             self.sessions.forget_route(route.node_id)
             raise NodeUnavailable("node is not responding") from None
+        finally:
+            self.activity.end(route.node_id)
 
     async def restart(self) -> None:
         route = await self.sessions.route(self.node_id)

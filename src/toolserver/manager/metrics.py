@@ -22,6 +22,8 @@ once per (route, status).
                                        starts_per_minute, max_nodes)
 ``toolserver_auth_failures_total``     requests refused for their API key (401)
 ``toolserver_draining``                1 while the manager takes no new sessions
+``toolserver_wake_seconds``            wakes on request, by ``kind`` (resumed, restarted), histogram
+``toolserver_webhook_failures_total``  webhook deliveries that failed (each is retried)
 =====================================  =========================================================
 """
 
@@ -64,6 +66,12 @@ class Metrics:
             ["source"],
             buckets=START_BUCKETS,
             registry=r,
+        )
+        self.wake_seconds = Histogram(
+            "toolserver_wake_seconds", "Wakes on request", ["kind"], buckets=START_BUCKETS, registry=r
+        )
+        self.webhook_failures = Counter(
+            "toolserver_webhook_failures", "Failed webhook deliveries (retried)", registry=r
         )
         self.pool_misses = Counter(
             "toolserver_pool_misses", "New sessions that found the pool empty", registry=r

@@ -46,6 +46,15 @@ class Ownership(StrEnum):
     RELEASING = "releasing"
 
 
+class Asleep(StrEnum):
+    """How the checker put an idle node to sleep (the ``asleep`` column); a request wakes it."""
+
+    #: Frozen with its memory (node.idle_action: pause): the request resumes it.
+    PAUSED = "paused"
+    #: Stopped (node.idle_action: stop): the request restarts it, workspace kept.
+    STOPPED = "stopped"
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
@@ -91,6 +100,16 @@ class ToolServerNode(Base):
     owner: Mapped[str | None] = mapped_column(String(32), nullable=True, default=None, index=True)
     #: The session's labels (``/get_cookie`` body), string to string.
     labels: Mapped[dict[str, str] | None] = mapped_column(JSON, nullable=True, default=dict)
+    #: Absolute end of the session (``timeout_seconds``); the checker releases it then. None: never.
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, default=None, index=True)
+    #: The session's own idle limit (``idle_seconds``); None: node.idling_close_minutes.
+    idle_seconds: Mapped[float | None] = mapped_column(Float, nullable=True, default=None)
+    #: Set while the checker has put the node to sleep for idleness (:class:`Asleep`): the next
+    #: request wakes it.
+    asleep: Mapped[str | None] = mapped_column(String(16), nullable=True, default=None)
+    #: What the node was made with beyond the defaults (``env``, ``resources``, ``network``), so a
+    #: fork gets the same.
+    node_options: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, default=None)
 
     @classmethod
     def new(
@@ -116,6 +135,10 @@ class ToolServerNode(Base):
             "deadline": None,
             "owner": None,
             "labels": {},
+            "expires_at": None,
+            "idle_seconds": None,
+            "asleep": None,
+            "node_options": None,
         }
         return cls(**(values | fields))
 
@@ -184,6 +207,7 @@ __all__ = [
     "STATUS_CREATED",
     "STOPPED_STATUSES",
     "ApiKey",
+    "Asleep",
     "Base",
     "NodeChecker",
     "Ownership",

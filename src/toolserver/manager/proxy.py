@@ -26,12 +26,13 @@ import aiohttp
 from multidict import CIMultiDict
 
 from toolserver.disconnect import disconnected, unless_disconnected
-from toolserver.errors import DatabaseUnavailable, InvalidSession, ToolCancelled
+from toolserver.errors import DatabaseUnavailable, InvalidSession, ToolCancelled, ToolServerError
 from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.auth import ANONYMOUS, SCOPE_KEY, Caller
 from toolserver.manager.metrics import Metrics
 from toolserver.manager.sessions import Route, SessionService
 from toolserver.manager.upstream import NodeConnector, node_url
+from toolserver.manager.wake import route_headers, sleeping, wake_failure
 from toolserver.protocol import CANCEL_ON_DISCONNECT_HEADER, COOKIE_NAME, RETRY_AFTER_SECONDS, SECRET_HEADER
 from toolserver.runtimes.base import RUNNING
 
@@ -135,9 +136,14 @@ class NodeProxy:
         if not caller.may_act_on(route.owner):
             return await send_json(send, 403, {"detail": "this session belongs to another API key"})
         if route.status != RUNNING:
-            return await send_json(
-                send, 503, {"detail": f"node is not running: {route.short_id} ({route.status})"}
-            )
+            if not sleeping(route):
+                return await send_json(
+                    send, 503, {"detail": f"node is not running: {route.short_id} ({route.status})"}
+                )
+            try:
+                route = await self.sessions.sleep.wake(route)
+            except ToolServerError as exc:
+                return await send_json(send, *wake_failure(exc))
         self.activity.touch(route.node_id)
         return route
 
@@ -164,6 +170,25 @@ class NodeProxy:
         route = await self.route(scope, node_id, send)
         if route is None:
             return None
+        # while a request is in flight its node is not idle (the checker puts no busy node to sleep)
+        self.activity.begin(route.node_id)
+        try:
+            await self._send_to(route, scope, receive, send, headers, chunked, cancellable, length, started)
+        finally:
+            self.activity.end(route.node_id)
+
+    async def _send_to(
+        self,
+        route: Route,
+        scope: Scope,
+        receive: Any,
+        send: Any,
+        headers: CIMultiDict[str],
+        chunked: bool,
+        cancellable: bool,
+        length: int,
+        started: float,
+    ) -> None:
         headers[SECRET_HEADER] = route.secret
         if scope.get("client"):
             headers["X-Forwarded-For"] = scope["client"][0]
@@ -205,6 +230,7 @@ class NodeProxy:
         answering = False
         try:
             out = [(k.lower(), v) for k, v in resp.raw_headers if k.lower() not in NOT_RETURNED]
+            out += route_headers(route)
             small = resp.content_length is not None and resp.content_length <= SMALL_BODY
             body = await resp.read() if small else b""  # a small answer goes back in one message
             answering = True

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -36,11 +36,14 @@ from toolserver.errors import (
 from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.auth import ANONYMOUS, Caller
 from toolserver.manager.events import SessionEvents
+from toolserver.manager.fork import Forks
 from toolserver.manager.lookups import shared_lookup
 from toolserver.manager.metrics import Metrics
 from toolserver.manager.models import Ownership, ToolServerNode, utcnow
+from toolserver.manager.options import check_options, check_timeout, expires_text, expiry, node_resources
 from toolserver.manager.settings import Settings
 from toolserver.manager.store import START_WINDOW, Admission, Store, this_process
+from toolserver.manager.wake import Sleep
 from toolserver.protocol import RETRY_AFTER_SECONDS, SessionOptions
 from toolserver.runtimes.base import NodeInfo, NodeSpec, Runtime
 from toolserver.states import STOPPED_STATUSES, NodeHealth, NodeStatus
@@ -58,6 +61,13 @@ MAX_TOKEN_LENGTH = 128
 ROUTE_CACHE_PRUNE_AT = 1024
 #: Time a ready node's record may stay ``starting`` while its cookie is handed over.
 HANDOVER_SECONDS = 10.0
+
+
+def node_options_of(options: SessionOptions) -> dict[str, Any] | None:
+    """The options that shape a node, as its record keeps them (None: a default node)."""
+    kept = options.model_dump(include={"env", "resources", "network"}, exclude_none=True)
+    kept = {k: v for k, v in kept.items() if v}
+    return kept or None
 
 
 def _checked_token(node_id: str | None) -> str:
@@ -80,6 +90,12 @@ class Route:
     #: monotonic time the record was read
     loaded: float
     owner: str | None = None
+    #: how the checker put the node to sleep (:class:`~toolserver.manager.models.Asleep`), if it did
+    asleep: str | None = None
+    #: set on the route a wake returned: ``resumed`` or ``restarted`` (the X-Node-Woken header)
+    woken: str | None = None
+    #: the session's expiry as the X-Session-Expires header gives it
+    expires_at: str | None = None
 
     @property
     def expires(self) -> float:
@@ -134,6 +150,10 @@ class SessionService:
         self._database_down: tuple[float, str] | None = None
         #: called after every warm-pool claim attempt (the pool refills itself)
         self.on_claim: Callable[[], None] | None = None
+        #: pause, resume and wake on request (:mod:`toolserver.manager.wake`)
+        self.sleep = Sleep(self)
+        #: forks (:mod:`toolserver.manager.fork`)
+        self.forks = Forks(self)
 
     # ---- routing ------------------------------------------------------------------------------------
 
@@ -174,7 +194,18 @@ class SessionService:
         if node is None or node.ownership != Ownership.SESSION:  # only a handed-over cookie routes
             self._routes.pop(node_id, None)
             return None
-        route = Route(node.id, node.short_id, node.status, node.ip, node.port, node.secret, now, node.owner)
+        route = Route(
+            node.id,
+            node.short_id,
+            node.status,
+            node.ip,
+            node.port,
+            node.secret,
+            now,
+            node.owner,
+            node.asleep,
+            expires_at=expires_text(node.expires_at),
+        )
         self._routes[node_id] = route
         return route
 
@@ -236,7 +267,9 @@ class SessionService:
     def _deadline(self, seconds: float) -> datetime:
         return utcnow() + timedelta(seconds=seconds + HANDOVER_SECONDS)
 
-    async def _reserve(self, pooled: bool, caller: Caller, labels: dict[str, str] | None) -> ToolServerNode:
+    async def _reserve(
+        self, pooled: bool, caller: Caller, labels: dict[str, str] | None, **fields: Any
+    ) -> ToolServerNode:
         """Insert a new record unless the manager is at node.max_nodes or the caller at a quota
         (atomic across processes)."""
         node = ToolServerNode.new(
@@ -247,6 +280,7 @@ class SessionService:
             labels=labels or {},
             creator=self.creator,
             deadline=self._deadline(self.create_timeout),
+            **fields,
         )
         async with self._capacity:  # within this process, callers queue here rather than in the database
             admission = await self.store.admit_node(node, self.settings.node.max_nodes, caller.quota)
@@ -263,8 +297,14 @@ class SessionService:
         if self.draining:
             raise Draining("this manager is draining: it takes no new sessions (use another manager)")
         options = options or SessionOptions()
+        check_options(options, self.settings, self.runtime)
         started = time.monotonic()
-        if self.settings.node.warm_pool_size > 0:
+        lifetime = {
+            "expires_at": expiry(self.settings, options.timeout_seconds),
+            "idle_seconds": options.idle_seconds,
+        }
+        # a pool node was made with the defaults: it serves only a session that asks for no other node
+        if self.settings.node.warm_pool_size > 0 and not options.shapes_node():
             health = NodeHealth.HEALTHY if self.settings.node.health_check else None
             node, admission = await self.store.claim_pooled(
                 self.manager_id,
@@ -280,13 +320,16 @@ class SessionService:
             if not admission.admitted:
                 raise self._refusal(admission, caller)
             if node is not None:
+                if any(lifetime.values()):
+                    await self.store.update_node(node.id, **lifetime)
+                    node.expires_at, node.idle_seconds = lifetime["expires_at"], lifetime["idle_seconds"]
                 seconds = time.monotonic() - started
                 self.metrics.session_started("pool", seconds)
                 self.events.log(node, "claimed", f"warm pool, {seconds:.2f} s")
                 return node
             self.pool_misses += 1
             self.metrics.pool_misses.inc()
-        node = await self.start_node(caller=caller, labels=options.labels)
+        node = await self.start_node(caller=caller, labels=options.labels, options=options, **lifetime)
         seconds = time.monotonic() - started
         self.metrics.session_started("cold", seconds)
         self.events.log(node, "created", f"cold start, {seconds:.2f} s")
@@ -315,21 +358,32 @@ class SessionService:
         await self._discard(node, node.runtime_state)
 
     async def start_node(
-        self, pooled: bool = False, caller: Caller = ANONYMOUS, labels: dict[str, str] | None = None
+        self,
+        pooled: bool = False,
+        caller: Caller = ANONYMOUS,
+        labels: dict[str, str] | None = None,
+        options: SessionOptions | None = None,
+        *,
+        make: Callable[[NodeSpec], Awaitable[NodeInfo]] | None = None,
+        **fields: Any,
     ) -> ToolServerNode:
         """Create, start and wait for a new node; on any failure nothing is left behind.
 
         The whole of it is bounded by ``create_timeout`` (the runtime's start budget plus
         ``node.creation_wait_seconds``). A pool node joins the pool once ready; a session's stays
-        ``starting`` until :meth:`hand_over`.
+        ``starting`` until :meth:`hand_over`. ``options`` shape the node (env, resources, network);
+        ``make`` replaces the runtime's create (a fork); ``fields`` go into the new record.
         """
-        node = await self._reserve(pooled, caller, labels)
+        node_options = node_options_of(options) if options is not None else None
+        if node_options:
+            fields["node_options"] = node_options
+        node = await self._reserve(pooled, caller, labels, **fields)
         async with self._busy(node.id):
             state: dict[str, Any] = {}
             try:
                 async with asyncio.timeout(self.create_timeout):
-                    spec = NodeSpec(node_id=node.short_id, manager_id=self.manager_id, secret=node.secret)
-                    info = await self.runtime.create(spec)
+                    spec = self.node_spec(node, node.node_options)
+                    info = await (make or self.runtime.create)(spec)
                     state = info.state
                     await self.store.update_node(node.id, **info_fields(info))
                     info = await self.runtime.start(state)
@@ -356,6 +410,18 @@ class SessionService:
             node.runtime_state = info.state
             log.debug("node %s ready at %s:%s", node.short_id, info.host, info.port)
             return node
+
+    def node_spec(self, node: ToolServerNode, node_options: dict[str, Any] | None) -> NodeSpec:
+        """What the runtime is asked to create for ``node``, with the options it was made with."""
+        opts = SessionOptions.model_validate(node_options or {})
+        return NodeSpec(
+            node_id=node.short_id,
+            manager_id=self.manager_id,
+            secret=node.secret,
+            env=dict(opts.env),
+            resources=node_resources(opts, self.settings),
+            network=opts.network,
+        )
 
     def _start_error(self, node: ToolServerNode, exc: BaseException) -> Exception | None:
         """What a failed start answers: the error as it is, a NodeStartError, or None (cancelled)."""
@@ -441,11 +507,37 @@ class SessionService:
         caller.check_owner(node.owner)
         return node
 
-    async def reconnect(self, node_id: str | None, caller: Caller = ANONYMOUS) -> ToolServerNode:
-        """Restart the session's node (workspace kept) and wait until it serves again."""
-        return await self.reconnect_node(await self.session(node_id, caller), caller)
+    async def reconnect(
+        self, node_id: str | None, caller: Caller = ANONYMOUS, timeout_seconds: float | None = None
+    ) -> ToolServerNode:
+        """Restart the session's node (workspace kept) and wait until it serves again. Its expiry
+        stays, unless ``timeout_seconds`` moves it (that long from now)."""
+        node = await self.session(node_id, caller)
+        if timeout_seconds is not None:
+            await self.extend_node(node, timeout_seconds)
+        return await self.reconnect_node(node, caller)
 
-    async def reconnect_node(self, node: ToolServerNode, caller: Caller = ANONYMOUS) -> ToolServerNode:
+    async def extend(
+        self, node_id: str | None, timeout_seconds: float, caller: Caller = ANONYMOUS
+    ) -> ToolServerNode:
+        """Move the session's expiry to ``timeout_seconds`` from now (at most the maximum)."""
+        node = await self.session(node_id, caller)
+        await self.extend_node(node, timeout_seconds)
+        return node
+
+    async def extend_node(self, node: ToolServerNode, timeout_seconds: float) -> None:
+        check_timeout(self.settings, timeout_seconds)
+        node.expires_at = expiry(self.settings, timeout_seconds)
+        await self.store.update_node(node.id, expires_at=node.expires_at)
+        self.forget_route(node.id)
+        await self.events.record(node, "extended", f"expires {expires_text(node.expires_at)}")
+
+    async def reconnect_node(
+        self,
+        node: ToolServerNode,
+        caller: Caller = ANONYMOUS,
+        event: tuple[str, str | None] = ("reconnected", None),
+    ) -> ToolServerNode:
         async with self._busy(node.id):
             if node.status in STOPPED_STATUSES:
                 async with self._capacity:
@@ -475,21 +567,27 @@ class SessionService:
                 await self.events.record(node, "failed", f"reconnect: {exc}", level=logging.WARNING)
                 raise
             await self.store.update_node(
-                node.id, **info_fields(info), status_changed_at=utcnow(), last_req_time=utcnow()
+                node.id, **info_fields(info), status_changed_at=utcnow(), last_req_time=utcnow(), asleep=None
             )
-            await self.events.record(node, "reconnected")
+            node.status, node.asleep = info.status, None
+            await self.events.record(node, *event)
             return node
 
     async def close(self, node_id: str | None, caller: Caller = ANONYMOUS) -> ToolServerNode:
         """Stop the session's node; its record stays, and reconnect starts it again."""
         return await self.close_node(await self.session(node_id, caller))
 
-    async def close_node(self, node: ToolServerNode, detail: str | None = None) -> ToolServerNode:
+    async def close_node(
+        self, node: ToolServerNode, detail: str | None = None, asleep: str | None = None
+    ) -> ToolServerNode:
+        """Stop the node; ``asleep`` (the checker's, for idleness) lets the next request restart it."""
         async with self._busy(node.id):
-            await self._stop(node, detail)
+            await self._stop(node, detail, asleep=asleep)
         return node
 
-    async def _stop(self, node: ToolServerNode, detail: str | None = None, event: bool = True) -> None:
+    async def _stop(
+        self, node: ToolServerNode, detail: str | None = None, event: bool = True, asleep: str | None = None
+    ) -> None:
         with contextlib.suppress(NodeNotFound):
             await self.runtime.stop(node.runtime_state, self.settings.node.stop_grace_seconds)
         await self.store.update_node(
@@ -497,6 +595,7 @@ class SessionService:
             status=NodeStatus.EXITED,
             health=NodeHealth.UNHEALTHY,
             status_changed_at=utcnow(),
+            asleep=asleep,
             **({"detail": f"stopped: {detail}"} if detail else {}),
         )
         if event:
@@ -517,7 +616,11 @@ class SessionService:
         return node
 
     async def remove(
-        self, node: ToolServerNode, detail: str | None = None, state: dict[str, Any] | None = None
+        self,
+        node: ToolServerNode,
+        detail: str | None = None,
+        state: dict[str, Any] | None = None,
+        event: str = "released",
     ) -> bool:
         """Kill and remove ``node`` and everything the runtime made for it, then delete its record.
 
@@ -563,7 +666,7 @@ class SessionService:
                 node, "failed", detail or "its create never finished", level=logging.WARNING
             )
         else:
-            await self.events.record(node, "released", detail)
+            await self.events.record(node, event, detail)
         return True
 
     async def remove_remains(self, state: dict[str, Any], short_id: str, why: str) -> None:

@@ -75,6 +75,52 @@ class NodeSettings(_Strict):
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for every node")
     config: Path | None = Field(None, description="node YAML config handed to every node")
     resources: ResourceLimits = Field(default_factory=ResourceLimits)
+    idle_action: Literal["stop", "pause"] = Field(
+        "stop", description="what an idle node gets: stopped (workspace kept) or paused (memory kept)"
+    )
+
+
+class SessionLimits(_Strict):
+    """What a session may ask for in its options (``/get_cookie`` body), and its default lifetime."""
+
+    default_timeout_seconds: float | None = Field(
+        None, gt=0, description="lifetime of a session that asks for none (null: until released)"
+    )
+    max_timeout_seconds: float = Field(
+        7 * 24 * 3600, gt=0, description="longest lifetime a session may ask for"
+    )
+    max_idle_seconds: float = Field(24 * 3600, gt=0, description="longest idle_seconds a session may ask for")
+    max_resources: ResourceLimits = Field(
+        default_factory=lambda: ResourceLimits(memory="8g", cpus=4.0, pids_limit=4096),
+        description="highest resources a session may ask for (null: no maximum)",
+    )
+    networks: list[str] = Field(
+        default_factory=list, description="networks a session may ask to join (Docker network names)"
+    )
+
+
+class EventSettings(_Strict):
+    """Where session events go besides the log and the admin API: webhooks."""
+
+    webhooks: list[str] = Field(
+        default_factory=list, description="http(s) URLs receiving every session event as a signed JSON POST"
+    )
+    secret: str | None = Field(
+        None, description="shared secret of the X-ToolServer-Signature header (HMAC-SHA256 of the body)"
+    )
+    timeout_seconds: float = Field(5, gt=0, description="longest wait for one delivery")
+    max_attempts: int = Field(12, ge=1, description="deliveries of one event before it is dropped")
+    retry_max_seconds: float = Field(30, gt=0, description="longest pause between two attempts")
+    queue_size: int = Field(10000, ge=1, description="events waiting per URL; beyond it new ones are dropped")
+
+    @model_validator(mode="after")
+    def _signed(self) -> EventSettings:
+        for url in self.webhooks:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"events.webhooks: {url!r} is not an http:// or https:// URL")
+        if self.webhooks and not self.secret:
+            raise ValueError("events.webhooks needs events.secret (the key of their HMAC-SHA256 signature)")
+        return self
 
 
 class Quotas(_Strict):
@@ -145,6 +191,8 @@ class Settings(EnvOverYamlSettings):
     allow_unauthenticated_network: bool = False
     key_cache_seconds: float = Field(5, gt=0, le=300, description="how long a checked API key is trusted")
     quotas: Quotas = Field(default_factory=Quotas)
+    sessions: SessionLimits = Field(default_factory=SessionLimits)
+    events: EventSettings = Field(default_factory=EventSettings)
     limits: RequestLimits = Field(default_factory=RequestLimits)
     metrics_listen: str | None = Field(None, description="host:port serving /metrics without a key")
     log_format: Literal["text", "json"] = "text"

@@ -107,12 +107,16 @@ class NodeSpec:
 
     ``node_id`` is the record's short id (never the session cookie); it names and labels the
     runtime object. ``secret`` must reach the node (environment ``TOOLSERVER_NODE_SECRET``).
+    ``resources`` (None: the context's) and ``network`` (None: the runtime's) come from a session's
+    options, only to a runtime whose ``capabilities`` has ``"resources"`` / ``"network"``.
     """
 
     node_id: str
     manager_id: str
     secret: str
     env: dict[str, str] = field(default_factory=dict)
+    resources: ResourceLimits | None = None
+    network: str | None = None
 
 
 @dataclass
@@ -197,7 +201,8 @@ class Runtime(abc.ABC):
     # --- pause and fork (optional: a runtime that cannot says so in ``capabilities``) ---
 
     #: What this runtime can do beyond the required methods: ``"pause"`` (freeze a running node
-    #: with its memory, :meth:`pause` / :meth:`resume`) and ``"fork"`` (:meth:`fork`).
+    #: with its memory, :meth:`pause` / :meth:`resume`) and ``"fork"`` (:meth:`fork`); also
+    #: ``"resources"`` and ``"network"`` when it applies a :class:`NodeSpec`'s own.
     capabilities: ClassVar[frozenset[str]] = frozenset()
 
     async def pause(self, state: dict[str, Any]) -> NodeInfo:

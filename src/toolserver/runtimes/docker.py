@@ -38,6 +38,7 @@ from aiodocker.networks import DockerNetwork
 from aiodocker.volumes import DockerVolume
 
 from toolserver.errors import ConfigError, NodeNotFound, RuntimeBackendError, RuntimeUnavailable
+from toolserver.runtimes import docker_fork
 from toolserver.runtimes.base import (
     HEALTHY,
     LABEL_MANAGER,
@@ -220,11 +221,17 @@ class DockerRuntime(Runtime):
     # ---- contract -----------------------------------------------------------------------------------
 
     async def create(self, spec: NodeSpec) -> NodeInfo:
+        return await self._create(spec)
+
+    async def _create(self, spec: NodeSpec, image: str | None = None) -> NodeInfo:
+        """Create the node's volume and container (from ``image`` instead of the node image: a fork)."""
         check_node_id(spec.node_id)
         workspace = None
         if self.images is not None:
             workspace = str(self.images.mountpoint(spec.node_id))
         body = self.template.container_body(spec, workspace)
+        if image is not None:
+            body["Image"] = image
         name = container_name(spec.node_id)
         volume = volume_name(spec.node_id)
         made_volume = False
@@ -431,6 +438,8 @@ class DockerRuntime(Runtime):
         if self.images is not None and node_id:
             check_node_id(node_id)
             await self.images.remove(node_id)
+        if node_id:  # a forked node's image (none for others: 404)
+            await self._remove_fork_image(node_id)
         await self._drop_network_if_unused(str(state.get("manager_id") or self.context.manager_id))
 
     async def _remove_volume(self, docker: aiodocker.Docker, name: str) -> None:
@@ -530,3 +539,22 @@ class DockerRuntime(Runtime):
         http, self._http = self._http, None
         if http is not None and self._loop is asyncio.get_running_loop():
             await http.aclose()
+
+    # ---- pause and fork (docker_fork.py) ------------------------------------------------------------
+
+    capabilities = frozenset({"pause", "fork", "resources", "network"})
+
+    async def pause(self, state: dict[str, Any]) -> NodeInfo:
+        """Docker's pause (the cgroup freezer): processes and memory kept."""
+        return await docker_fork.pause(self, state)
+
+    async def resume(self, state: dict[str, Any]) -> NodeInfo:
+        return await docker_fork.resume(self, state)
+
+    async def fork(self, state: dict[str, Any], spec: NodeSpec) -> NodeInfo:
+        """Commit the source container's filesystem changes to an image, create node ``spec`` from
+        it, and copy the source's workspace volume into the new node's (the source keeps running)."""
+        return await docker_fork.fork(self, state, spec)
+
+    async def _remove_fork_image(self, node_id: str) -> None:
+        await docker_fork.remove_image(self, node_id)

@@ -516,7 +516,7 @@ class NodeTemplate:
         if self.config_file:
             binds.append(f"{self.config_file}:{NODE_CONFIG_PATH}:ro")
             cmd += ["--config", NODE_CONFIG_PATH]
-        host = {**self.host_config, "Binds": binds}
+        host = {**self.host_config, "Binds": binds, **session_limits(spec)}
         body: dict[str, Any] = {
             "Image": self.image,
             "User": NODE_USER,
@@ -527,8 +527,8 @@ class NodeTemplate:
             **extra,
             **self.translated.config,
         }
-        network = self.node_network(spec.manager_id)
-        if self.network_none:
+        network = spec.network or self.node_network(spec.manager_id)
+        if network == "none" or (network is None and self.network_none):
             host["NetworkMode"] = "none"
         else:
             if network:
@@ -539,3 +539,18 @@ class NodeTemplate:
                 host["PortBindings"] = {self.port_key(): [{"HostIp": "127.0.0.1", "HostPort": ""}]}
         body["HostConfig"] = host
         return body
+
+
+def session_limits(spec: NodeSpec) -> dict[str, Any]:
+    """HostConfig limits of a session that asked for its own resources (none otherwise)."""
+    res = spec.resources
+    if res is None:
+        return {}
+    host: dict[str, Any] = {}
+    if res.memory is not None:
+        host["Memory"] = host["MemorySwap"] = parse_size(res.memory, "resources.memory")
+    if res.cpus is not None:
+        host["NanoCpus"] = int(res.cpus * 1e9)
+    if res.pids_limit is not None:
+        host["PidsLimit"] = res.pids_limit
+    return host

@@ -43,6 +43,7 @@ from toolserver.runtimes.base import (
     CREATED,
     EXITED,
     HEALTHY,
+    PAUSED,
     RUNNING,
     STARTING,
     UNHEALTHY,
@@ -52,6 +53,7 @@ from toolserver.runtimes.base import (
     RuntimeConfig,
     RuntimeContext,
 )
+from toolserver.runtimes.freezer import Freezer
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +156,7 @@ class ProcessRuntime(Runtime):
         #: (node id, pid) of dead nodes whose leftover processes were killed already
         self._reaped: set[tuple[str, int]] = set()
         self._http = httpx.AsyncClient(timeout=HEALTH_TIMEOUT, trust_env=False)
+        self.freezer = Freezer(_marked_processes)
 
     async def preflight(self) -> None:
         log.warning(
@@ -273,6 +276,8 @@ class ProcessRuntime(Runtime):
             logfile.close()
             sock.close()  # the node holds its own copy
         self._children[node_id] = proc
+        await asyncio.to_thread(self.freezer.join, node_id, proc.pid)
+        mark.pop("paused", None)
         self._healthy_once.discard(node_id)
         try:
             create_time = psutil.Process(proc.pid).create_time()
@@ -306,6 +311,7 @@ class ProcessRuntime(Runtime):
             raise RuntimeBackendError(f"cannot delete node directory {node_dir}: {reason}") from exc
         self._children.pop(node_id, None)
         self._healthy_once.discard(node_id)
+        await asyncio.to_thread(self.freezer.discard, node_id)
 
     async def inspect(self, state: dict[str, Any]) -> NodeInfo:
         mark = await asyncio.to_thread(self._read_mark, self._dir(state))
@@ -408,7 +414,8 @@ class ProcessRuntime(Runtime):
         if mark.get("pid") is None:
             return self._info(mark, CREATED)
         if _process(mark["pid"], mark.get("create_time"), mark["node_id"]) is not None:
-            return self._info(mark, RUNNING, STARTING)
+            paused = bool(mark.get("paused"))
+            return self._info(mark, PAUSED, HEALTHY) if paused else self._info(mark, RUNNING, STARTING)
         child = self._children.get(mark["node_id"])
         detail = None
         if child is not None and child.pid == mark["pid"] and child.returncode is not None:
@@ -430,6 +437,7 @@ class ProcessRuntime(Runtime):
 
     async def _terminate(self, mark: dict[str, Any], grace: float) -> None:
         """SIGTERM the node, SIGKILL its tree after ``grace``; then anything else carrying its mark."""
+        await self._thaw(mark)  # a frozen process handles no signal
         proc = _process(mark.get("pid"), mark.get("create_time"), mark["node_id"])
         if proc is not None:
             await self._terminate_tree(proc, mark, grace)
@@ -458,3 +466,58 @@ class ProcessRuntime(Runtime):
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and _process(proc.pid, mark.get("create_time")) is not None:
                 await asyncio.sleep(0.02)
+
+    # ---- pause and fork (runtimes/freezer.py) ------------------------------------------------------
+
+    capabilities = frozenset({"pause", "fork"})
+
+    async def pause(self, state: dict[str, Any]) -> NodeInfo:
+        """Freeze the node's processes (cgroup freezer, else SIGSTOP); the mark says it is paused."""
+        node_dir = self._dir(state)
+        mark = await asyncio.to_thread(self._read_mark, node_dir)
+        if mark is None:
+            raise NodeNotFound(f"node directory {node_dir} is gone")
+        if _process(mark.get("pid"), mark.get("create_time"), mark["node_id"]) is None:
+            raise RuntimeBackendError(f"node {mark['node_id']} is not running: nothing to pause")
+        mark["paused"] = True  # first: from now on nobody probes it as a running node
+        await asyncio.to_thread(self._write_mark, node_dir, mark)
+        try:
+            await asyncio.to_thread(self.freezer.freeze, mark["node_id"])
+        except BaseException:
+            mark.pop("paused")
+            await asyncio.to_thread(self._write_mark, node_dir, mark)
+            raise
+        return self._observe(mark)
+
+    async def resume(self, state: dict[str, Any]) -> NodeInfo:
+        node_dir = self._dir(state)
+        mark = await asyncio.to_thread(self._read_mark, node_dir)
+        if mark is None:
+            raise NodeNotFound(f"node directory {node_dir} is gone")
+        await self._thaw(mark)
+        await asyncio.to_thread(self._write_mark, node_dir, mark)
+        return await self.inspect(state)
+
+    async def _thaw(self, mark: dict[str, Any]) -> None:
+        frozen = self.freezer.cgroup and await asyncio.to_thread(self.freezer.frozen, mark["node_id"])
+        if mark.pop("paused", None) or frozen:
+            await asyncio.to_thread(self.freezer.thaw, mark["node_id"])
+
+    async def fork(self, state: dict[str, Any], spec: NodeSpec) -> NodeInfo:
+        """Create node ``spec`` with a copy (``cp -a``) of the workspace of the node of ``state``."""
+        source = self._dir(state) / "workspace"
+        if not await asyncio.to_thread(source.is_dir):
+            raise NodeNotFound(f"workspace {source} is gone")
+        info = await self.create(spec)
+        target = Path(info.state["dir"]) / "workspace"
+        pipe = asyncio.subprocess
+        argv = ["cp", "-a", "--", f"{source}/.", str(target)]
+        proc = await pipe.create_subprocess_exec(
+            *argv, stdin=pipe.DEVNULL, stdout=pipe.DEVNULL, stderr=pipe.PIPE
+        )
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            await self.remove(info.state)
+            reason = err.decode(errors="replace").strip()[-500:]
+            raise RuntimeBackendError(f"cannot copy the workspace of the forked node: {reason}")
+        return info

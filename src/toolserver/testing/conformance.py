@@ -43,6 +43,7 @@ from toolserver.runtimes.base import (
     CREATED,
     EXITED,
     HEALTHY,
+    PAUSED,
     RUNNING,
     UNIX_PREFIX,
     NodeInfo,
@@ -306,3 +307,53 @@ class RuntimeConformance:
         assert left == [], f"remove left behind: {left}"
         with pytest.raises(NodeNotFound):
             await second.inspect(state)
+
+    # ---- optional capabilities: a runtime without one is skipped, naming it --------------------------
+
+    @staticmethod
+    def _needs(runtime: Runtime, capability: str) -> None:
+        if capability not in runtime.capabilities:
+            pytest.skip(f"the {runtime.name} runtime has no {capability!r} capability")
+
+    @pytest.mark.asyncio
+    async def test_pause_freezes_and_resume_thaws_it(self, harness: ConformanceHarness) -> None:
+        runtime = harness.runtime()
+        self._needs(runtime, "pause")
+        spec, info = await harness.started(runtime)
+        await harness.write(info, spec, "kept.txt", "through a pause\n")
+        paused = await runtime.pause(info.state)
+        assert paused.status == PAUSED, f"a paused node reports {paused.status}"
+        assert (await runtime.inspect(info.state)).status == PAUSED
+        listed = {i.node_id: i.status for i in await runtime.list(harness.manager_id)}
+        assert listed == {spec.node_id: PAUSED}, f"listed: {listed}"
+        await runtime.pause(info.state)  # twice is harmless
+        resumed = await runtime.resume(info.state)
+        assert resumed.status == RUNNING, f"a resumed node reports {resumed.status}"
+        info = await harness.ready(runtime, resumed.state)
+        assert await harness.read(info, spec, "kept.txt") == "through a pause\n"
+        await runtime.resume(info.state)  # resuming a running node is a no-op
+        await runtime.pause(info.state)
+        await runtime.remove(info.state)  # a paused node is removed like any other
+        left = await harness.tier.leftovers(runtime, info)
+        assert left == [], f"remove left behind: {left}"
+
+    @pytest.mark.asyncio
+    async def test_fork_makes_a_node_from_a_copy_of_the_workspace(self, harness: ConformanceHarness) -> None:
+        runtime = harness.runtime()
+        self._needs(runtime, "fork")
+        spec, source = await harness.started(runtime)
+        await harness.write(source, spec, "dir/forked.txt", "copied\n")
+        new_spec = harness.spec()
+        forked = await runtime.fork(source.state, new_spec)
+        harness.states.append(forked.state)
+        assert forked.node_id == new_spec.node_id and forked.status == CREATED, f"fork gave {forked}"
+        json.dumps(forked.state)
+        forked = await runtime.start(forked.state)
+        forked = await harness.ready(runtime, forked.state)
+        assert await harness.read(forked, new_spec, "dir/forked.txt") == "copied\n"
+        await harness.write(forked, new_spec, "dir/forked.txt", "changed in the fork\n")
+        assert await harness.read(source, spec, "dir/forked.txt") == "copied\n", "the fork changed its source"
+        for info in (forked, source):
+            await runtime.remove(info.state)
+            left = await harness.tier.leftovers(runtime, info)
+            assert left == [], f"remove left behind: {left}"
