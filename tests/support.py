@@ -192,7 +192,9 @@ class PostgresServer:
         import asyncpg
 
         async def run() -> list[dict[str, Any]]:
-            con = await asyncpg.connect(host="127.0.0.1", port=self.port, user="toolserver", database="postgres")
+            con = await asyncpg.connect(
+                host="127.0.0.1", port=self.port, user="toolserver", database="postgres"
+            )
             try:
                 return [dict(r) for r in await con.fetch(sql, *args)]
             finally:
