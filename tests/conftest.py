@@ -7,6 +7,23 @@ from typing import Any
 import pytest
 
 from tests.support import ManagerProcess
+from toolserver.testing.swarm import SwarmMode
+
+#: Swarm mode for the swarm tier's tests, when this session turned it on (and so turns it off).
+_SWARM = SwarmMode()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Put the Docker Engine in swarm mode for the swarm tier, unless the run leaves Docker out
+    (``-m "not docker"`` or ``not swarm``); it is left again at the end if this session did it."""
+    expr = config.getoption("markexpr", "") or ""
+    if "not docker" in expr or "not swarm" in expr or config.getoption("collectonly", False):
+        return
+    _SWARM.ensure()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _SWARM.restore()
 
 
 @pytest.fixture

@@ -45,9 +45,13 @@ def session_headers(node_id: str) -> dict[str, str]:
     return {"Cookie": f"node_id={node_id}"}
 
 
+#: The tiers this harness can look into (their processes, containers and volumes).
+HARNESS_TIERS = ("process", "docker")
+
+
 def tier_params(*names: str) -> list[Any]:
-    """The tiers of :mod:`toolserver.testing.tiers` (those named, or all) as pytest params."""
-    return [t.param() for t in tiers() if not names or t.name in names]
+    """The tiers of :mod:`toolserver.testing.tiers` (those named, or all it knows) as pytest params."""
+    return [t.param() for t in tiers() if t.name in (names or HARNESS_TIERS)]
 
 
 class FaultManager(ManagerProcess):

@@ -39,6 +39,7 @@ __all__ = [
     "DOCKER",
     "IMAGE_ENV",
     "PROCESS",
+    "SWARM",
     "Tier",
     "docker_unavailable_reason",
     "marked_processes",
@@ -147,6 +148,36 @@ async def _docker_leftovers(runtime: Runtime, info: NodeInfo) -> list[str]:
     return [f"container {c.id[:12]}" for c in containers] + [f"volume {v['Name']}" for v in volumes]
 
 
+def swarm_unavailable_reason() -> str | None:
+    """Why Swarm nodes cannot run here (not a swarm manager, no Docker, no node image), or None.
+
+    Not cached: a test session's fixture may put the engine in swarm mode after collection
+    (:class:`toolserver.testing.swarm.SwarmMode`)."""
+    from toolserver.testing.swarm import swarm_state
+
+    reason = docker_unavailable_reason()
+    if reason:
+        return reason
+    state = swarm_state()
+    if state is None or state[0] != "active" or not state[1]:
+        word = state[0] if state else "unknown"
+        return (
+            f"the Docker Engine is not a swarm manager (swarm state {word}); run "
+            "'docker swarm init --advertise-addr 127.0.0.1', or let the test session do it"
+        )
+    return None
+
+
+async def _swarm_leftovers(runtime: Runtime, info: NodeInfo) -> list[str]:
+    import aiodocker
+
+    url = getattr(runtime, "url", None) or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    filters = {"label": [f"{LABEL_MANAGER}={info.manager_id}", f"{LABEL_NODE}={info.node_id}"]}
+    async with aiodocker.Docker(url=url) as docker:
+        services = await docker.services.list(filters=filters)
+    return [f"service {s['Spec']['Name']}" for s in services] + await _docker_leftovers(runtime, info)
+
+
 PROCESS = Tier("process", leftovers=_process_leftovers)
 DOCKER = Tier(
     "docker",
@@ -157,9 +188,18 @@ DOCKER = Tier(
 )
 
 
+SWARM = Tier(
+    "swarm",
+    runtime_config={"image": node_image()},
+    unavailable=swarm_unavailable_reason,
+    leftovers=_swarm_leftovers,
+    marks=("docker", "swarm"),
+)
+
+
 def tiers() -> list[Tier]:
     """Every tier ToolServer offers, whether or not this machine can run it."""
-    return [PROCESS, DOCKER]
+    return [PROCESS, DOCKER, SWARM]
 
 
 def tier_params() -> list[Any]:
