@@ -20,6 +20,7 @@ from bench import (
     checker_cost,
     checker_docker,
     churn,
+    cluster,
     first_byte,
     limits,
     machine,
@@ -47,6 +48,7 @@ BENCHMARKS: dict[str, ModuleType] = {
         memory,
         limits,
         churn,
+        cluster,
     )
 }
 
