@@ -7,10 +7,7 @@ from typing import Any
 import pytest
 
 from tests.support import ManagerProcess
-from toolserver.testing.swarm import SwarmMode
-
-#: Swarm mode for the swarm tier's tests, when this session turned it on (and so turns it off).
-_SWARM = SwarmMode()
+from toolserver.testing.swarm import SESSION as _SWARM
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-__all__ = ["SwarmMode", "swarm_state"]
+__all__ = ["SESSION", "SwarmMode", "swarm_state"]
 
 
 def _docker(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -39,6 +39,21 @@ class SwarmMode:
         self.initialised = False
         self._had_gwbridge = False
         self.error: str | None = None
+
+    def reinit(self, advertise: str) -> bool:
+        """Make a swarm advertising ``advertise``, replacing the one :meth:`ensure` made (if any);
+        False when the engine is in a swarm this object did not make."""
+        state = swarm_state()
+        if state is None or (state[0] == "active" and not self.initialised):
+            return False
+        if self.initialised:
+            _docker("swarm", "leave", "--force")
+        else:
+            self._had_gwbridge = _docker("network", "inspect", "docker_gwbridge").returncode == 0
+        done = _docker("swarm", "init", "--advertise-addr", advertise)
+        self.initialised = done.returncode == 0
+        self.error = None if self.initialised else done.stderr.strip()
+        return self.initialised
 
     def ensure(self) -> bool:
         """Make the engine a swarm manager if it is inactive; False (and :attr:`error`) if it cannot."""
@@ -69,3 +84,7 @@ class SwarmMode:
         if not self._had_gwbridge:
             _docker("network", "rm", "docker_gwbridge")
         self.initialised = False
+
+
+#: The test session's swarm mode (tests/conftest.py turns it on and off).
+SESSION = SwarmMode()
