@@ -345,11 +345,12 @@ class SwarmRuntime(DockerRuntime):
         host = nodes.get(task.get("NodeID", "")) or {}
         hostname = (host.get("Description") or {}).get("Hostname") or task.get("NodeID", "?")
         state["task_id"] = task.get("ID")
+        if word in _BEFORE_RUNNING | {"running"} and (host.get("Status") or {}).get("State") == "down":
+            # Swarm may already have changed the task's desired state: the host is the reason
+            info.status, info.health = EXITED, UNHEALTHY
+            info.detail = f"its host {hostname} is down (swarm node {task.get('NodeID')})"
+            return info
         if task.get("DesiredState") == "running" and word == "running":
-            if (host.get("Status") or {}).get("State") == "down":
-                info.status, info.health = EXITED, UNHEALTHY
-                info.detail = f"its host {hostname} is down (swarm node {task.get('NodeID')})"
-                return info
             ports = (status.get("PortStatus") or {}).get("Ports") or []
             published = [
                 p for p in ports if p.get("TargetPort") == self.template.port and p.get("PublishedPort")
