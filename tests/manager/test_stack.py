@@ -39,7 +39,7 @@ def test_the_managers_environment_is_accepted_and_the_password_read_from_the_sec
 
 
 def test_a_missing_or_empty_password_file_stops_the_manager_naming_it(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="database_password_file .*nope.* cannot be read"):
+    with pytest.raises(ConfigError, match=r"database_password_file .*nope.* cannot be read"):
         load_settings(None, database_password_file=str(tmp_path / "nope"))
     (tmp_path / "empty").write_text("")
     with pytest.raises(ConfigError, match="is empty"):
