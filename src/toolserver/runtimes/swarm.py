@@ -472,6 +472,13 @@ class SwarmRuntime(DockerRuntime):
         while asyncio.get_running_loop().time() < deadline:
             tasks = await self._tasks({"service": [service_id]})
             live = [t for t in tasks if (t.get("Status") or {}).get("State") in _BEFORE_RUNNING | {"running"}]
+            if live:  # a task on a host that is down never reports its end: it is stopped for us
+                nodes = await self._nodes()
+                live = [
+                    t
+                    for t in live
+                    if (nodes.get(t.get("NodeID", "")) or {}).get("Status", {}).get("State") != "down"
+                ]
             if not live:
                 return
             await asyncio.sleep(0.1)
