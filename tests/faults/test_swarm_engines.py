@@ -20,7 +20,13 @@ from tests.swarm_engines import two_engine_swarm, why_not
 from toolserver.runtimes.base import LABEL_MANAGER
 from toolserver.testing.tiers import docker_unavailable_reason, node_image
 
-pytestmark = [pytest.mark.docker, pytest.mark.swarm, pytest.mark.postgres, pytest.mark.two_engines]
+pytestmark = [
+    pytest.mark.docker,
+    pytest.mark.swarm,
+    pytest.mark.postgres,
+    pytest.mark.two_engines,
+    pytest.mark.timeout(900),
+]
 
 
 def test_two_engines_served_by_either_replica_and_placed_again_when_one_stops(
