@@ -163,6 +163,9 @@ def test_rolling_restart_under_load_loses_no_session_and_fails_no_request(tmp_pa
             wait_until(lambda: len(lb.cookies) >= 6, timeout=120, what="sessions")
             for replica in (a, b):
                 assert replica.stop(), replica.tail(30)  # graceful: requests in flight finish
+                # its lease ends with it: the other replica's checker takes its nodes over at once
+                handed = lambda r=replica: r.manager_id not in _owners(c).values()  # noqa: E731
+                wait_until(handed, timeout=TICK * 3 + 2, interval=0.05, what="its nodes handed over")
                 replica.start()
                 time.sleep(TICK * 4)
             served = lb.requests
