@@ -52,6 +52,8 @@ bench: venv
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]'
 	-$(MAKE) docker-ready
 	$(BIN)/python -m bench
+	# the two-engine swarm test (a second dockerd in a network namespace; ~4 min here, so not in make test)
+	-$(BIN)/pytest tests/faults/test_swarm_engines.py -m two_engines -q
 
 clean:
 	rm -rf $(VENV) data build dist *.egg-info

@@ -20,6 +20,7 @@ from bench import (
     checker_cost,
     checker_docker,
     churn,
+    cluster,
     first_byte,
     keycheck,
     lifecycle,
@@ -53,6 +54,7 @@ BENCHMARKS: dict[str, ModuleType] = {
         limits,
         churn,
         lifecycle,
+        cluster,
     )
 }
 

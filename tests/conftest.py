@@ -7,6 +7,20 @@ from typing import Any
 import pytest
 
 from tests.support import ManagerProcess
+from toolserver.testing.swarm import SESSION as _SWARM
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Put the Docker Engine in swarm mode for the swarm tier, unless the run leaves Docker out
+    (``-m "not docker"`` or ``not swarm``); it is left again at the end if this session did it."""
+    expr = config.getoption("markexpr", "") or ""
+    if "not docker" in expr or "not swarm" in expr or config.getoption("collectonly", False):
+        return
+    _SWARM.ensure()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _SWARM.restore()
 
 
 @pytest.fixture

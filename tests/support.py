@@ -201,6 +201,23 @@ class PostgresServer:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
+    def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        """Run ``sql`` (``$1``-style parameters) on the server's database, as an operator would."""
+        import asyncio
+
+        import asyncpg
+
+        async def run() -> list[dict[str, Any]]:
+            con = await asyncpg.connect(
+                host="127.0.0.1", port=self.port, user="toolserver", database="postgres"
+            )
+            try:
+                return [dict(r) for r in await con.fetch(sql, *args)]
+            finally:
+                await con.close()
+
+        return asyncio.run(run())
+
 
 class Tmux:
     """A tmux server of the test's own (``-L``) running one command in a window of a given size.

@@ -38,6 +38,7 @@ from toolserver.errors import (
 )
 from toolserver.manager import admin, dashboard
 from toolserver.manager.activity import ActivityBuffer
+from toolserver.manager.adoption import cluster_adopter
 from toolserver.manager.auth import ANONYMOUS, SCOPE_KEY, Caller, KeyRing, credentials, current_caller
 from toolserver.manager.checker import NodeChecker
 from toolserver.manager.events import SessionEvents, tick_observer
@@ -77,7 +78,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     webhooks = start_webhooks(settings, events, metrics)
     sessions = SessionService(settings, store, runtime, activity, events=events, metrics=metrics)
     proxy = NodeProxy(sessions, activity, settings.node.request_timeout_seconds, metrics=metrics)
-    checker = NodeChecker(sessions, activity=activity)
+    adopter = cluster_adopter(settings, store, sessions.creator)
+    checker = NodeChecker(sessions, activity=activity, adopter=adopter)
     checker.on_tick = tick_observer(events, metrics)
     app.state.store, app.state.sessions, app.state.proxy, app.state.checker = store, sessions, proxy, checker
     app.state.keyring = keyring
@@ -134,6 +136,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await _step("writing last request times", activity.aclose())
         if stop:
             await _step("stopping the nodes", sessions.stop_all())
+        if checker_task is not None:  # this process held the lease: hand the nodes over now
+            await _step("ending the lease", adopter.step_down())
         if webhooks is not None:
             await _step("sending the last webhook events", webhooks.aclose())
         await proxy.aclose()

@@ -7,6 +7,10 @@ creating process is gone, or their deadline passed) and finish releases that wer
 stop nodes idle for ``node.idling_close_minutes``; release nodes stopped for
 ``node.idling_release_minutes``; remove runtime nodes that carry this manager's mark but have no
 record. What a stop or a removal does is the session service's to decide: the checker calls it.
+With an :class:`~toolserver.manager.adoption.Adopter` the loop also renews this manager's lease and,
+before each tick, adopts the nodes of replicas whose lease expired; the runtime still marks those
+with the manager that made them, so a tick lists every mark its records carry, and a node with no
+record of this manager is an orphan only when no replica has a record of it.
 An error on one node is logged and the tick goes on; records changing or vanishing under a tick
 are no error. The loop runs while its NodeChecker record exists.
 """
@@ -26,6 +30,7 @@ from typing import Any
 
 from toolserver.errors import DatabaseUnavailable, NodeNotFound, RuntimeBackendError, RuntimeUnavailable
 from toolserver.manager.activity import ActivityBuffer
+from toolserver.manager.adoption import Adopter
 from toolserver.manager.lifetime import ASLEEP_STATUSES, idle_limit, lifetime_over, put_to_sleep
 from toolserver.manager.models import Ownership, ToolServerNode, utcnow
 from toolserver.manager.sessions import SessionService
@@ -77,6 +82,7 @@ class NodeChecker:
         *,
         activity: ActivityBuffer | None = None,
         clock: Callable[[], datetime] = utcnow,
+        adopter: Adopter | None = None,
     ) -> None:
         self.sessions = sessions
         self.settings = sessions.settings
@@ -86,6 +92,9 @@ class NodeChecker:
         self.busy = sessions.busy
         self.clock = clock
         self.manager_id = self.settings.manager_id
+        self.adopter = adopter
+        #: the runtime marks this manager's records carry (its own, and those of adopted nodes)
+        self.marks: set[str] = {self.manager_id}
         self.pid = os.getpid()
         self._limit = asyncio.Semaphore(8)
         #: (node, action) pairs whose failure was logged already: said once, not every tick
@@ -103,21 +112,26 @@ class NodeChecker:
         report = TickReport()
         # runtime first, records second: a node that appears in the list always has its record by then
         self._listed_at = utcnow()
-        listed, leftovers = await asyncio.gather(
-            self.runtime.list(self.manager_id), self.runtime.leftovers(self.manager_id)
+        marks = sorted(self.marks)
+        lists = await asyncio.gather(
+            *(self.runtime.list(m) for m in marks), *(self.runtime.leftovers(m) for m in marks)
         )
+        listed = [i for found in lists[: len(marks)] for i in found]
+        leftovers = list({i.node_id: i for found in lists[len(marks) :] for i in found}.values())
         infos = {i.node_id: i for i in listed}
         if self.activity is not None:
             await self.activity.flush()
         records = await self.store.list_nodes(self.manager_id)
         report.nodes = len(records)
+        unlisted = {n.origin or n.manager_id for n in records} - set(marks)
+        self.marks |= unlisted  # listed from the next tick on; until then their records stay as they are
         now = self.clock()
         changes: dict[str, dict[str, Any]] = {}
         actions: list[_Action] = []
         known = set()
         for node in records:
             known.add(node.short_id)
-            if node.id in self.busy:
+            if node.id in self.busy or (node.origin or node.manager_id) in unlisted:
                 continue
             try:
                 self._plan(node, infos.get(node.short_id), now, changes, actions, report)
@@ -131,6 +145,10 @@ class NodeChecker:
             await self.store.delete_nodes(report.deleted)
         orphans = [i for sid, i in infos.items() if sid not in known]
         debris = [i for i in leftovers if i.node_id not in known and i.node_id not in infos]
+        if orphans or debris:  # another replica's record (an adopted node, or one of a mark listed here)
+            elsewhere = await self.store.existing_short_ids([i.node_id for i in orphans + debris])
+            orphans = [i for i in orphans if i.node_id not in elsewhere]
+            debris = [i for i in debris if i.node_id not in elsewhere]
         await asyncio.gather(
             *(self._act(action, report) for action in actions),
             *(self._remove_orphan(i, report, listed=True) for i in orphans),
@@ -302,11 +320,26 @@ class NodeChecker:
         """Tick every ``node.health_check_interval`` seconds until the NodeChecker record is deleted."""
         interval = self.settings.node.health_check_interval
         log.info("checker: started for manager %s (every %g s)", self.manager_id, interval)
+        renewals = None
+        if self.adopter is not None:
+            renewals = asyncio.create_task(self.adopter.keep_alive(interval), name="lease-renewal")
+        try:
+            await self._loop(interval)
+        finally:
+            if renewals is not None:
+                renewals.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await renewals
+
+    async def _loop(self, interval: float) -> None:
         while True:
             try:
                 if not await self.store.heartbeat_checker(self.manager_id, self.pid):
                     log.info("checker: NodeChecker record deleted; stopping")
                     return
+                if self.adopter is not None:
+                    for adopted in await self.adopter.adopt_expired():
+                        self.marks |= adopted.origins
                 report = await self.tick()  # each error is logged where it happens
                 if self.on_tick is not None:
                     await self.on_tick(report)
@@ -331,6 +364,7 @@ class NodeChecker:
 def run_standalone(settings: Settings) -> int:
     """``toolserver checker``: the same loop, in its own process."""
     from toolserver.logs import configure_logging
+    from toolserver.manager.adoption import cluster_adopter
     from toolserver.manager.events import SessionEvents, tick_observer
     from toolserver.manager.store import open_store
     from toolserver.runtimes import create_runtime
@@ -344,7 +378,8 @@ def run_standalone(settings: Settings) -> int:
         from toolserver.manager.app import start_webhooks
 
         webhooks = start_webhooks(settings, events)
-        checker = NodeChecker(SessionService(settings, store, runtime, ActivityBuffer(store), events=events))
+        sessions = SessionService(settings, store, runtime, ActivityBuffer(store), events=events)
+        checker = NodeChecker(sessions, adopter=cluster_adopter(settings, store, sessions.creator))
         checker.on_tick = tick_observer(events)
         # signals are handled from the start: a SIGTERM that comes while the record is being
         # written must still end with the record deleted (unregister only deletes this pid's)

@@ -110,6 +110,9 @@ class ToolServerNode(Base):
     #: What the node was made with beyond the defaults (``env``, ``resources``, ``network``), so a
     #: fork gets the same.
     node_options: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True, default=None)
+    #: The manager id the runtime's mark on the node carries (the manager that created it); differs
+    #: from ``manager_id`` once another replica adopted the node. None: the same as ``manager_id``.
+    origin: Mapped[str | None] = mapped_column(String(255), nullable=True, default=None, index=True)
 
     @classmethod
     def new(
@@ -139,6 +142,7 @@ class ToolServerNode(Base):
             "idle_seconds": None,
             "asleep": None,
             "node_options": None,
+            "origin": manager_id,
         }
         return cls(**(values | fields))
 
@@ -159,6 +163,28 @@ class NodeChecker(Base):
     interval: Mapped[float] = mapped_column(Float, default=1.0)
     host: Mapped[str] = mapped_column(String(255), default="")
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ManagerLease(Base):
+    """A manager replica's lease: alive while ``deadline`` (renewed by its checker) lies ahead.
+
+    Once it has passed, one live replica adopts the manager's nodes and sets ``adopted_by``; the
+    manager clears it when it renews its lease again (its new nodes are its own), and does not take
+    back what was adopted.
+    """
+
+    __tablename__ = "manager_leases"
+
+    manager_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    #: the process renewing it (``host/pid/start time``)
+    holder: Mapped[str] = mapped_column(String(255), default="")
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    deadline: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    adopted_by: Mapped[str | None] = mapped_column(String(255), nullable=True, default=None)
+    adopted_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True, default=None)
+
+    def __repr__(self) -> str:
+        return f"<ManagerLease {self.manager_id} until {self.deadline} adopted_by={self.adopted_by}>"
 
 
 class ApiKey(Base):
@@ -209,6 +235,7 @@ __all__ = [
     "ApiKey",
     "Asleep",
     "Base",
+    "ManagerLease",
     "NodeChecker",
     "Ownership",
     "SessionEvent",

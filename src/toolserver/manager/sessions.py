@@ -243,6 +243,12 @@ class SessionService:
                 "starts_per_minute",
                 wait,
             )
+        if admission.refused_by == "cluster_max_nodes":
+            return CapacityExceeded(
+                f"the cluster already runs {admission.cluster} nodes (cluster.max_nodes = "
+                f"{self.settings.cluster.max_nodes}); release a session or retry later",
+                RETRY_AFTER_SECONDS,
+            )
         limit = self.settings.node.max_nodes
         return CapacityExceeded(
             f"this manager already runs {admission.live} nodes (node.max_nodes = {limit}); "
@@ -256,13 +262,17 @@ class SessionService:
         live = await self.store.count_live_nodes(self.manager_id)
         quota = caller.quota if caller.key_id is not None and caller.key_id == node.owner else None
         owned = await self.store.count_live_owned(quota.key_id) if quota and quota.max_sessions else 0
+        cluster_limit = self.settings.cluster.max_nodes
+        cluster = await self.store.count_cluster_live_nodes() if cluster_limit is not None else 0
         refused = None
-        if live >= self.settings.node.max_nodes:
+        if cluster_limit is not None and cluster >= cluster_limit:
+            refused = "cluster_max_nodes"
+        elif live >= self.settings.node.max_nodes:
             refused = "max_nodes"
         elif quota and quota.max_sessions and owned >= quota.max_sessions:
             refused = "max_sessions"
         if refused:
-            raise self._refusal(Admission(False, live, owned, refused_by=refused), caller)
+            raise self._refusal(Admission(False, live, owned, refused_by=refused, cluster=cluster), caller)
 
     def _deadline(self, seconds: float) -> datetime:
         return utcnow() + timedelta(seconds=seconds + HANDOVER_SECONDS)
@@ -283,7 +293,9 @@ class SessionService:
             **fields,
         )
         async with self._capacity:  # within this process, callers queue here rather than in the database
-            admission = await self.store.admit_node(node, self.settings.node.max_nodes, caller.quota)
+            admission = await self.store.admit_node(
+                node, self.settings.node.max_nodes, caller.quota, self.settings.cluster.max_nodes
+            )
         if not admission.admitted:
             raise self._refusal(admission, caller)
         return node
@@ -685,14 +697,24 @@ class SessionService:
         """Stop every running node of this manager (shutdown with node.on_shutdown = stop).
 
         The runtime says what runs, so a database outage leaves no node running; records are
-        updated where the database answers.
+        updated where the database answers. Nodes this manager adopted (marked by another) are
+        stopped too; those of its mark that another replica adopted are left alone.
         """
-        running = [i for i in await self.runtime.list(self.manager_id) if i.running]
         try:
             records = {n.short_id: n for n in await self.store.list_nodes(self.manager_id)}
         except DatabaseUnavailable as exc:
             log.warning("stopping nodes without updating their records: %s", exc)
+            records = None
+        marks = sorted({self.manager_id, *(n.origin or n.manager_id for n in (records or {}).values())})
+        lists = await asyncio.gather(*(self.runtime.list(m) for m in marks))
+        running = [i for found in lists for i in found if i.running]
+        if records is None:
             records = {}
+        else:
+            unknown = [i.node_id for i in running if i.node_id not in records]
+            with contextlib.suppress(DatabaseUnavailable):
+                elsewhere = await self.store.existing_short_ids(unknown)
+                running = [i for i in running if i.node_id in records or i.node_id not in elsewhere]
         sem = asyncio.Semaphore(8)
 
         async def one(info: NodeInfo) -> None:

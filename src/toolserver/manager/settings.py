@@ -167,6 +167,21 @@ class McpSettings(_Strict):
     )
 
 
+class ClusterSettings(_Strict):
+    """Replicated managers sharing one database (see README "Running on a cluster")."""
+
+    max_nodes: int | None = Field(
+        None, ge=1, description="live nodes of every manager sharing the database together (null: no limit)"
+    )
+    lease_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="how long a replica's lease lasts after each renewal (every checker tick); "
+        "default 2 x node.health_check_interval",
+    )
+    adopt: bool = Field(True, description="adopt the nodes of replicas whose lease expired")
+
+
 class RedirectPaths(_Strict):
     post: list[str] = Field(default_factory=lambda: list(DEFAULT_REDIRECT_POST))
     get: list[str] = Field(default_factory=lambda: list(DEFAULT_REDIRECT_GET))
@@ -183,6 +198,9 @@ class Settings(EnvOverYamlSettings):
     runtime: str | None = Field(None, description="former name of isolation, same meaning")
     runtime_config: SerializeAsAny[RuntimeConfig] = Field(description="the chosen runtime's own keys")
     database_url: str = "sqlite+aiosqlite:///data/toolserver.db"
+    database_password_file: Path | None = Field(
+        None, description="file holding the database password (a Docker secret), put into database_url"
+    )
     data_dir: Path = Path("data")
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -201,6 +219,7 @@ class Settings(EnvOverYamlSettings):
     )
     node: NodeSettings = Field(default_factory=NodeSettings)
     mcp: McpSettings = Field(default_factory=McpSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     redirect_to_node_path: RedirectPaths = Field(default_factory=RedirectPaths)
     _ignored_keys: tuple[str, ...] = PrivateAttr(())
 
@@ -226,6 +245,19 @@ class Settings(EnvOverYamlSettings):
         if not self.manager_id:
             object.__setattr__(self, "manager_id", f"{socket.gethostname()}-{self.port}")
         return self
+
+    @model_validator(mode="after")
+    def _database_password(self) -> Settings:
+        if self.database_password_file is not None:
+            object.__setattr__(
+                self, "database_url", with_password(self.database_url, self.database_password_file)
+            )
+        return self
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long this manager's lease lasts after a renewal (``cluster.lease_seconds``)."""
+        return self.cluster.lease_seconds or 2 * self.node.health_check_interval
 
     @model_validator(mode="after")
     def _keys_off_loopback(self) -> Settings:
@@ -325,6 +357,26 @@ def _place_runtime_config(data: dict[str, Any]) -> tuple[dict[str, Any], tuple[s
     if node is not None:
         out["node"] = node
     return out, tuple(ignored)
+
+
+def with_password(url: str, password_file: Path) -> str:
+    """``url`` with the password read from ``password_file`` (its first line); ValueError naming
+    the file when it cannot be read or is empty."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        lines = Path(password_file).read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(
+            f"database_password_file {str(password_file)!r} cannot be read: {exc.strerror}"
+        ) from None
+    if not lines or not lines[0]:
+        raise ValueError(f"database_password_file {str(password_file)!r} is empty")
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise ValueError("database_url is not a database URL") from None
+    return parsed.set(password=lines[0]).render_as_string(hide_password=False)
 
 
 def is_loopback(host: str) -> bool:

@@ -76,6 +76,13 @@ def _live_count(manager_id: str) -> Select[tuple[int]]:
     )
 
 
+def _cluster_live_count() -> Select[tuple[int]]:
+    """How many nodes of every manager sharing the database are not stopped (``cluster.max_nodes``)."""
+    return (
+        select(func.count()).select_from(ToolServerNode).where(ToolServerNode.status.not_in(STOPPED_STATUSES))
+    )
+
+
 def _owned_live_count(owner: str) -> Select[tuple[int]]:
     """How many sessions of API key ``owner`` are not stopped, in every manager (``max_sessions``)."""
     return (
@@ -107,10 +114,13 @@ class Admission:
     owned: int = 0  # live sessions of the key (max_sessions)
     starts: int = 0  # sessions the key started within START_WINDOW (starts_per_minute)
     oldest_start: datetime | None = None  # the first of those starts
-    refused_by: str | None = None  # "max_nodes", "max_sessions" or "starts_per_minute"
+    refused_by: str | None = None  # "max_nodes", "cluster_max_nodes", "max_sessions" or "starts_per_minute"
+    cluster: int = 0  # live nodes of every manager (cluster.max_nodes), when that limit is set
 
 
 _NODES = ToolServerNode.__table__
+#: The advisory lock every admission takes first while ``cluster.max_nodes`` is set.
+CLUSTER_LOCK = "cluster:max_nodes"
 
 
 def this_process() -> str:
@@ -216,6 +226,20 @@ class Store:
         async with self._read() as s:
             return int(await s.scalar(_live_count(manager_id)) or 0)
 
+    async def count_cluster_live_nodes(self) -> int:
+        """Live nodes of every manager sharing the database."""
+        async with self._read() as s:
+            return int(await s.scalar(_cluster_live_count()) or 0)
+
+    async def existing_short_ids(self, short_ids: Iterable[str]) -> set[str]:
+        """Which of ``short_ids`` have a record, whichever manager holds it."""
+        wanted = sorted(set(short_ids))
+        if not wanted:
+            return set()
+        async with self._read() as s:
+            q = select(ToolServerNode.short_id).where(ToolServerNode.short_id.in_(wanted))
+            return set((await s.scalars(q)).all())
+
     async def add_node_within(self, node: ToolServerNode, limit: int) -> int:
         """Insert ``node`` unless its manager already has ``limit`` live nodes; returns that count."""
         return (await self.admit_node(node, limit)).live
@@ -249,25 +273,39 @@ class Store:
             refused = "starts_per_minute"
         return {"owned": owned, "starts": int(starts or 0), "oldest_start": oldest, "refused_by": refused}
 
-    async def admit_node(self, node: ToolServerNode, limit: int, quota: KeyQuota | None = None) -> Admission:
-        """Insert ``node`` (and its ``created`` event) unless its manager has ``limit`` live nodes
-        or ``quota``'s key is at one of its quotas.
+    async def admit_node(
+        self,
+        node: ToolServerNode,
+        limit: int,
+        quota: KeyQuota | None = None,
+        cluster_limit: int | None = None,
+    ) -> Admission:
+        """Insert ``node`` (and its ``created`` event) unless its manager has ``limit`` live nodes,
+        every manager together ``cluster_limit`` (when given), or ``quota``'s key is at one of its
+        quotas.
 
         Atomic across the processes sharing the database: the counts and the insert run under the
         database's write lock on SQLite (``BEGIN IMMEDIATE``) and under transaction-scoped
-        advisory locks on the manager id, then the key, on PostgreSQL.
+        advisory locks on the cluster (with ``cluster_limit``), the manager id, then the key, on
+        PostgreSQL.
         """
         async with self._write() as s:
-            names = [node.manager_id] + ([f"key:{quota.key_id}"] if quota else [])
+            names = [CLUSTER_LOCK] if cluster_limit is not None else []
+            names += [node.manager_id] + ([f"key:{quota.key_id}"] if quota else [])
             await self._lock(s, *names)
             live = int(await s.scalar(_live_count(node.manager_id)) or 0)
+            cluster = int(await s.scalar(_cluster_live_count()) or 0) if cluster_limit is not None else 0
             usage = await self._key_usage(s, quota) if quota else {}
-            refused = "max_nodes" if live >= limit else usage.get("refused_by")
+            refused = usage.get("refused_by")
+            if cluster_limit is not None and cluster >= cluster_limit:
+                refused = "cluster_max_nodes"
+            elif live >= limit:
+                refused = "max_nodes"
             if refused is None:
                 s.add(node)
                 if not node.pooled:
                     s.add(SessionEvent(short_id=node.short_id, owner=node.owner, kind="created", at=utcnow()))
-            return Admission(refused is None, live, **{**usage, "refused_by": refused})
+            return Admission(refused is None, live, **{**usage, "refused_by": refused, "cluster": cluster})
 
     async def count_pooled(self, manager_id: str) -> int:
         async with self._read() as s:

@@ -41,6 +41,7 @@ __all__ = [
     "IMAGE_ENV",
     "PROCESS",
     "SANDBOX",
+    "SWARM",
     "Tier",
     "docker_unavailable_reason",
     "gvisor_unavailable_reason",
@@ -196,6 +197,34 @@ async def _sandbox_leftovers(runtime: Runtime, info: NodeInfo) -> list[str]:
         return left
 
     return await asyncio.to_thread(scan)
+def swarm_unavailable_reason() -> str | None:
+    """Why Swarm nodes cannot run here (not a swarm manager, no Docker, no node image), or None.
+
+    Not cached: a test session's fixture may put the engine in swarm mode after collection
+    (:class:`toolserver.testing.swarm.SwarmMode`)."""
+    from toolserver.testing.swarm import swarm_state
+
+    reason = docker_unavailable_reason()
+    if reason:
+        return reason
+    state = swarm_state()
+    if state is None or state[0] != "active" or not state[1]:
+        word = state[0] if state else "unknown"
+        return (
+            f"the Docker Engine is not a swarm manager (swarm state {word}); run "
+            "'docker swarm init --advertise-addr 127.0.0.1', or let the test session do it"
+        )
+    return None
+
+
+async def _swarm_leftovers(runtime: Runtime, info: NodeInfo) -> list[str]:
+    import aiodocker
+
+    url = getattr(runtime, "url", None) or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    filters = {"label": [f"{LABEL_MANAGER}={info.manager_id}", f"{LABEL_NODE}={info.node_id}"]}
+    async with aiodocker.Docker(url=url) as docker:
+        services = await docker.services.list(filters=filters)
+    return [f"service {s['Spec']['Name']}" for s in services] + await _docker_leftovers(runtime, info)
 
 
 PROCESS = Tier("process", leftovers=_process_leftovers)
@@ -217,9 +246,18 @@ GVISOR = Tier(
 )
 
 
+SWARM = Tier(
+    "swarm",
+    runtime_config={"image": node_image()},
+    unavailable=swarm_unavailable_reason,
+    leftovers=_swarm_leftovers,
+    marks=("docker", "swarm"),
+)
+
+
 def tiers() -> list[Tier]:
     """Every tier ToolServer offers, whether or not this machine can run it."""
-    return [SANDBOX, PROCESS, DOCKER, GVISOR]
+    return [SANDBOX, PROCESS, DOCKER, GVISOR, SWARM]
 
 
 def tier_params() -> list[Any]:
