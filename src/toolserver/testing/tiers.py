@@ -197,6 +197,8 @@ async def _sandbox_leftovers(runtime: Runtime, info: NodeInfo) -> list[str]:
         return left
 
     return await asyncio.to_thread(scan)
+
+
 def swarm_unavailable_reason() -> str | None:
     """Why Swarm nodes cannot run here (not a swarm manager, no Docker, no node image), or None.
 
