@@ -158,6 +158,8 @@ def test_ttl_expires_reconnect_keeps_it_extend_moves_it(
         # a reconnect with timeout_seconds moves it too; a value above the maximum is refused
         resp = _post(client, "/reconnect_session", cookie, {"timeout_seconds": 7200})
         assert resp.status_code == 200 and _from_now(resp.headers[EXPIRES_HEADER]) > timedelta(minutes=119)
+        bad = _post(client, "/reconnect_session", cookie, {"timeout": 5})
+        assert bad.status_code == 422 and "unknown key 'timeout'" in bad.json()["detail"]
         too_long = _post(client, "/extend_session", cookie, {"timeout_seconds": 10**9})
         assert too_long.status_code == 422 and "timeout_seconds" in too_long.json()["detail"]
         unknown = _post(client, "/extend_session", cookie, {"seconds": 5})

@@ -42,7 +42,13 @@ from toolserver.manager.adoption import cluster_adopter
 from toolserver.manager.auth import ANONYMOUS, SCOPE_KEY, Caller, KeyRing, credentials, current_caller
 from toolserver.manager.checker import NodeChecker
 from toolserver.manager.events import SessionEvents, tick_observer
-from toolserver.manager.lifecycle_routes import LIFECYCLE_PATHS, add_lifecycle_routes, expiry_header
+from toolserver.manager.lifecycle_routes import (
+    LIFECYCLE_PATHS,
+    add_lifecycle_routes,
+    expiry_header,
+    optional_body,
+    parse_body,
+)
 from toolserver.manager.limits import limited_body, replay
 from toolserver.manager.metrics import Metrics
 from toolserver.manager.options import expires_text
@@ -413,17 +419,22 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> ManagerApp
         filters = parse_label_filters(label)
         return await list_sessions(state.store, state.activity, settings.manager_id, caller, filters)
 
-    @app.post("/reconnect_session", responses=SESSION_ERRORS | NEW_SESSION_ERRORS, tags=["sessions"])
+    @app.post(
+        "/reconnect_session",
+        responses=SESSION_ERRORS | NEW_SESSION_ERRORS,
+        tags=["sessions"],
+        openapi_extra=optional_body(ReconnectOptions),
+    )
     async def reconnect_session(
-        request: Request,
-        caller: Caller = CallerDep,
-        node_id: str | None = Cookie(None),
-        options: ReconnectOptions | None = Body(None),
+        request: Request, caller: Caller = CallerDep, node_id: str | None = Cookie(None)
     ) -> str:
         """Restart the session's node (workspace kept) and wait until it serves. The session's
         expiry stays as it was unless the body's ``timeout_seconds`` moves it (from now)."""
+        sessions = sessions_of(request)
+        await sessions.session(node_id, caller)  # whose session it is comes before what the body says
+        options = parse_body(ReconnectOptions, await request.body())
         timeout = options.timeout_seconds if options is not None else None
-        node = await sessions_of(request).reconnect(node_id, caller, timeout)
+        node = await sessions.reconnect(node_id, caller, timeout)
         return JSONResponse(f"Reconnect session: {node.short_id}", headers=expiry_header(node))  # type: ignore[return-value]
 
     @app.post("/close_session", responses=SESSION_ERRORS, tags=["sessions"])

@@ -7,17 +7,20 @@ the capability (``pause``, ``fork``) answers 409 naming it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Body, Cookie, FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
+from toolserver.errors import InvalidRequest
 from toolserver.manager import admin
 from toolserver.manager.auth import Caller
 from toolserver.manager.models import ToolServerNode
 from toolserver.manager.options import expires_text
 from toolserver.protocol import COOKIE_NAME, EXPIRES_HEADER, ExtendRequest, SessionOptions
+
+M = TypeVar("M", bound=BaseModel)
 
 LIFECYCLE_PATHS = ("/extend_session", "/pause_session", "/resume_session", "/fork_session")
 
@@ -44,6 +47,34 @@ class ForkAnswer(SessionAnswer):
     memory_forked: bool = Field(False, description="always false: the fork starts fresh processes")
     message: str = Field(description="what the fork copied")
     source: str = Field(description="the source session's short id")
+
+
+def optional_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI of an optional JSON body that a route reads itself (after its ownership check)."""
+    schema = model.model_json_schema()
+    return {"requestBody": {"required": False, "content": {"application/json": {"schema": schema}}}}
+
+
+def parse_body(model: type[M], body: bytes) -> M | None:
+    """``body`` as ``model`` (None when empty); InvalidRequest (422) naming the bad key."""
+    if not body.strip():
+        return None
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise InvalidRequest("invalid request: " + describe_errors(exc.errors())) from None
+
+
+def describe_errors(errors: Any) -> str:
+    """Validation errors as one line naming each bad key (values are not echoed)."""
+    parts = []
+    for err in errors:
+        where = ".".join(str(p) for p in err.get("loc", ())) or "body"
+        if err.get("type") == "extra_forbidden":
+            parts.append(f"unknown key '{where}'")
+        else:
+            parts.append(f"'{where}': {err.get('msg', 'invalid')}")
+    return "; ".join(parts)
 
 
 def expiry_header(node: ToolServerNode) -> dict[str, str]:
