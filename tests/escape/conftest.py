@@ -32,6 +32,7 @@ PROBE = (Path(__file__).parent / "probe.py").read_text()
 RESOURCES = {"memory": "256m", "cpus": 1.0, "pids_limit": 128}
 #: tier-specific keys that give a node a workspace size limit
 DISK_LIMITS: dict[str, dict[str, Any]] = {
+    "sandbox": {"workspace_size": "64m"},
     "docker": {"workspace_size": "64m"},
     "gvisor": {"workspace_size": "64m"},
 }

@@ -78,8 +78,10 @@ def python_paths() -> list[str]:
 
 
 def _parents(paths: Iterable[str]) -> list[str]:
-    """Every ancestor directory of ``paths`` below ``/``, outermost first (bwrap would make them
-    0700, unreachable for the node's uid)."""
+    """Every ancestor directory of ``paths`` below ``/``, outermost first. The outer bwrap makes
+    them 0711 (but a ``sys.path`` entry, which the import system lists): the node's uid may pass
+    through them to its interpreter but not list them, so ``/root`` (where pyenv keeps Python)
+    shows the node nothing."""
     found: list[str] = []
     for path in paths:
         for parent in reversed(Path(path).parents):
@@ -114,8 +116,10 @@ def outer_args(
             args += ["--ro-bind", f"/etc/{name}", f"/etc/{name}"]
     args += ["--ro-bind", str(etc / "passwd"), "/etc/passwd", "--ro-bind", str(etc / "group"), "/etc/group"]
     pythons = python_paths()
+    importable = set(sys.path)
     for parent in _parents(pythons):
-        args += ["--perms", "0755", "--dir", parent]
+        # listable only where Python must list it (a sys.path entry: the editable install's src/)
+        args += ["--perms", "0755" if parent in importable else "0711", "--dir", parent]
     for path in pythons:
         args += ["--ro-bind", path, path]
     if node_config is not None:
