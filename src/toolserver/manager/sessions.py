@@ -174,8 +174,11 @@ class SessionService:
         if node is None or node.ownership != Ownership.SESSION:  # only a handed-over cookie routes
             self._routes.pop(node_id, None)
             return None
+        return self._cache_route(node, now)
+
+    def _cache_route(self, node: ToolServerNode, now: float) -> Route:
         route = Route(node.id, node.short_id, node.status, node.ip, node.port, node.secret, now, node.owner)
-        self._routes[node_id] = route
+        self._routes[node.id] = route
         return route
 
     def forget_route(self, node_id: str) -> None:
@@ -309,6 +312,8 @@ class SessionService:
                 f"node {node.short_id} was removed before its cookie went out (the create outlived its "
                 "deadline); retry"
             )
+        if node.status == NodeStatus.RUNNING:  # its first request (right after this answer) needs no read
+            self._cache_route(node, time.monotonic())
 
     async def discard(self, node: ToolServerNode) -> None:
         """Remove a node no client received and its record (a client that left during its create)."""

@@ -63,6 +63,7 @@ def serve(
             access_log=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
             server_header=False,
+            proxy_headers=False,  # nothing here reads the client address: skip its middleware
         )
     )
     sockets = [socket.socket(fileno=fd)] if fd is not None else None
