@@ -2,15 +2,16 @@
 
 Forwarded paths never enter the web framework: the proxy reads the ``node_id`` cookie, finds the
 node's route (cached, see :meth:`SessionService.route`), and streams the request body to the node
-and the node's answer back over pooled keep-alive connections (:mod:`toolserver.manager.upstream`). Nothing is buffered: a 1 GiB upload
-or download passes through in chunks, and each chunk of a streamed answer (a command's output) is
-sent on as soon as it arrives. A streamed answer stops when its client goes away, so that the node
-sees the client go; while it streams, the session counts as active. Hop-by-hop headers, the
-caller's API key and the manager's own cookie are not forwarded (the node is the agent's: nothing
-that grants access goes there); the node's secret is added. The caller (authenticated in front,
-see :mod:`toolserver.manager.auth`) must own the session or hold an admin key. A client that sends
-``X-ToolServer-Cancel-On-Disconnect`` (with a body of at most 64 KiB, a tool call say) has its
-request to the node closed when it goes away before the answer, and the node then stops the tool.
+and the node's answer back over pooled keep-alive connections (:mod:`toolserver.manager.upstream`).
+Nothing is buffered: a 1 GiB upload or download passes through in chunks, and each chunk of a
+streamed answer (a command's output) is sent on as soon as it arrives. A streamed answer stops when
+its client goes away, so that the node sees the client go; while it streams, the session counts as
+active. Hop-by-hop headers, the caller's API key and the manager's own cookie are not forwarded
+(the node is the agent's: nothing that grants access goes there); the node's secret is added. The
+caller (authenticated in front, see :mod:`toolserver.manager.auth`) must own the session or hold an
+admin key. A client that sends ``X-ToolServer-Cancel-On-Disconnect`` (with a body of at most 64
+KiB, a tool call say) has its request to the node closed when it goes away before the answer, and
+the node then stops the tool.
 """
 
 from __future__ import annotations
