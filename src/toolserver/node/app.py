@@ -17,6 +17,8 @@ Streamed commands (:mod:`toolserver.node.commands`) answer NDJSON; ``/terminal``
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import gc
 import json
@@ -254,6 +256,31 @@ def build_registry(ctx: NodeContext) -> Registry:
     return registry
 
 
+async def warm_up(registry: Registry) -> None:
+    """What the first tool call would otherwise pay for, done as soon as the node serves (so
+    ``/health`` is not delayed): the request models' validators, a worker thread for sync tools,
+    and one call of the calculator through the registry. Each step yields to requests first."""
+    await asyncio.sleep(0)  # the server starts listening first
+    for model in _request_models():
+        await asyncio.sleep(0)
+        model.model_rebuild()
+    await anyio.to_thread.run_sync(_nothing)
+    if "calculator" in registry.tools:
+        with contextlib.suppress(Exception):
+            await registry.execute("calculator", {"expression": "1+1"})
+    gc.freeze()  # imports and the registry live as long as the node: no full GC passes over them
+
+
+def _request_models() -> list[Any]:
+    from pydantic import BaseModel
+
+    return [m for m in vars(protocol).values() if isinstance(m, type) and issubclass(m, BaseModel)]
+
+
+def _nothing() -> None:
+    return None
+
+
 def create_app(config: NodeConfig) -> NodeApp:
     """Build the node's ASGI app; tools are registered before it returns (so /health means ready)."""
     ctx = NodeContext(config)
@@ -407,11 +434,12 @@ def create_app(config: NodeConfig) -> NodeApp:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        gc.freeze()  # imports and the registry live as long as the node: no full GC passes over them
         log.info("node ready: %d tools, workspace %s", len(registry.tools), ctx.workspace)
+        warming = asyncio.get_running_loop().create_task(warm_up(registry))
         try:
             yield
         finally:
+            warming.cancel()
             await ctx.aclose()
 
     async def http_error(request: Request, exc: Exception) -> Response:
