@@ -18,7 +18,6 @@ Streamed commands (:mod:`toolserver.node.commands`) answer NDJSON; ``/terminal``
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
 import json
@@ -261,20 +260,26 @@ async def warm_up(registry: Registry) -> None:
     ``/health`` is not delayed): the request models' validators, a worker thread for sync tools,
     and one call of the calculator through the registry. Each step yields to requests first."""
     await asyncio.sleep(0)  # the server starts listening first
-    for model in _request_models():
-        await asyncio.sleep(0)
-        model.model_rebuild()
-    await anyio.to_thread.run_sync(_nothing)
-    if "calculator" in registry.tools:
-        with contextlib.suppress(Exception):
+    try:
+        for model in _request_models():
+            await asyncio.sleep(0)
+            model.model_rebuild()
+        await anyio.to_thread.run_sync(_nothing)
+        if "calculator" in registry.tools:
             await registry.execute("calculator", {"expression": "1+1"})
+    except Exception as exc:  # only time is lost: the first call does it instead
+        log.warning("warm-up after start failed: %s: %s", type(exc).__name__, exc)
     gc.freeze()  # imports and the registry live as long as the node: no full GC passes over them
 
 
 def _request_models() -> list[Any]:
     from pydantic import BaseModel
 
-    return [m for m in vars(protocol).values() if isinstance(m, type) and issubclass(m, BaseModel)]
+    return [
+        m
+        for m in vars(protocol).values()
+        if isinstance(m, type) and issubclass(m, BaseModel) and m.__module__ == protocol.__name__
+    ]
 
 
 def _nothing() -> None:
