@@ -49,6 +49,8 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 EXPECTED = {"small": "42", "1 KB echo": ECHO_DIGITS}
 TARGETS = ("direct", "nginx", "chp", "manager", "manager + key")
 ADDED_P50_MS = 0.4
+#: the node's own answer to the small call (issue 14)
+NODE_P50_MS = 0.4
 KEY_CHECK_P50_MS = 0.1
 #: the manager's throughput against nginx's (small call, c=1 and c=64), and against chp's
 THROUGHPUT_RATIO = 0.9
@@ -111,6 +113,18 @@ def _measure(ends: Endpoints, ctx: Context) -> dict[str, Any]:
 
 def _figures(results: dict[str, Any]) -> list[Figure]:
     rows = []
+    node = results["small"]["1"]["direct"]
+    rows.append(
+        Figure(
+            NAME,
+            "the node itself: small call, c=1, p50",
+            node["latency_ms"]["p50"],
+            "ms",
+            f"{node['rps_mean']:,.0f} req/s; p99 {node['latency_ms']['p99']:.3f} ms",
+            f"≤ {NODE_P50_MS:g} ms",
+            at_most(node["latency_ms"]["p50"], NODE_P50_MS),
+        )
+    )
     for workload, by_conc in results.items():
         for conc, cell in by_conc.items():
             lat = {t: cell[t]["latency_ms"] for t in cell}
