@@ -46,8 +46,8 @@ COLD_TARGET_MS = {"process": 250.0, "docker": 1500.0}
 FLOORS = {
     "`python -c pass`": "pass",
     "`python -c 'import fastapi, uvicorn'`": "import fastapi, uvicorn",
-    "the node's stack (`import uvloop, httptools, uvicorn.server, starlette.routing, pydantic_settings`)": (
-        "import uvloop, httptools, uvicorn.server, starlette.routing, pydantic_settings"
+    "the node's stack (`import uvloop, httptools, starlette.routing, pydantic_settings`)": (
+        "import uvloop, httptools, starlette.routing, pydantic_settings"
     ),
 }
 
