@@ -23,6 +23,8 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -104,6 +106,34 @@ def _with_kernel_mib(manager: Manager, cookies: list[str]) -> list[float]:
     return out
 
 
+#: USS floors: an idle interpreter with what a node must import, measured in the same run
+USS_FLOORS = {
+    "bare python": "",
+    "python + asyncio, uvloop": "import asyncio, uvloop",
+    "python + the node's stack": (
+        "import uvloop, httptools, starlette.routing, starlette.responses, pydantic_settings"
+    ),
+}
+
+
+def uss_floors() -> dict[str, float]:
+    """USS (MiB) of interpreters that imported only :data:`USS_FLOORS`, then wait."""
+    out = {}
+    for what, code in USS_FLOORS.items():
+        script = f"{code}\nimport sys\nprint('ready', flush=True)\nsys.stdin.read()"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert proc.stdout is not None
+            proc.stdout.readline()
+            out[what] = psutil.Process(proc.pid).memory_full_info().uss / MIB
+        finally:
+            proc.kill()
+            proc.wait()
+    return out
+
+
 def _checkpoint(manager: Manager, http: httpx.Client, live: int) -> dict[str, Any]:
     nodes = node_processes(manager.data_dir)
     uss = _uss_mib(nodes)
@@ -141,7 +171,9 @@ def run(ctx: Context) -> Outcome:
                 f"    {len(cookies)} sessions: {curve[-1]['alive_ms']['p99']:.1f} ms /alive p99", flush=True
             )
         kernels = _with_kernel_mib(manager, cookies[:3])
+    floors = uss_floors()
     outcome.raw = {
+        "uss_floors_mib": floors,
         "n": n,
         "curve": curve,
         "with_kernel_uss_mib": kernels,
@@ -184,6 +216,12 @@ def run(ctx: Context) -> Outcome:
             "MiB",
             f"idle node {last['idle_uss_mib']:.1f} MiB",
         ),
+    )
+    outcome.add(
+        *(
+            Figure(NAME, f"USS floor: {what}", mib, "MiB", "same run, idle interpreter")
+            for what, mib in floors.items()
+        )
     )
     outcome.notes.append(
         f"{n} sessions opened {OPEN_AT_ONCE} at a time in {outcome.raw['seconds']:.0f} s; "
