@@ -240,6 +240,7 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._slots = asyncio.Semaphore(max_connections)
+        self._swept = time.monotonic()
 
     def _reusable(self, key: tuple[str, int]) -> _Connection | None:
         idle = self._idle.get(key)
@@ -261,8 +262,23 @@ class UpstreamPool:
             conn.abort()
             return
         conn.reset()
-        conn.idle_since = time.monotonic()
+        conn.idle_since = now = time.monotonic()
         idle.append(conn)
+        if now - self._swept > IDLE_SECONDS:
+            self._sweep(now)
+
+    def _sweep(self, now: float) -> None:
+        """Close idle connections too old to reuse, and forget nodes left without any (released ones)."""
+        self._swept = now
+        for key, idle in list(self._idle.items()):
+            keep = [c for c in idle if not c.closed and now - c.idle_since < IDLE_SECONDS]
+            for conn in idle:
+                if conn not in keep:
+                    conn.abort()
+            if keep:
+                self._idle[key] = keep
+            else:
+                del self._idle[key]
 
     def forget(self, host: str, port: int) -> None:
         """Close the idle connections to a node (it stopped, or stopped answering)."""
