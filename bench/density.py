@@ -223,6 +223,13 @@ def run(ctx: Context) -> Outcome:
             for what, mib in floors.items()
         )
     )
+    stack = list(floors.values())[-1]
+    outcome.notes.append(
+        f"An idle node's USS is {last['idle_uss_mib']:.1f} MiB; an interpreter that only imported the "
+        f"node's third-party stack already holds {stack:.1f} MiB of its own (same run). Below that, "
+        "nodes must share those pages: started from a pre-imported template process (fork), "
+        "which this round leaves out (it changes how nodes start)."
+    )
     outcome.notes.append(
         f"{n} sessions opened {OPEN_AT_ONCE} at a time in {outcome.raw['seconds']:.0f} s; "
         "`BENCH_DENSITY_N=1000 python -m bench only density` for the issue's 1,000."

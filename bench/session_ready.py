@@ -265,6 +265,14 @@ def _one_runtime(ctx: Context, runtime: str, outcome: Outcome) -> None:
     )
     outcome.raw[runtime] = raw
     raw["floors_ms"] = {what: summary(times) for what, times in floors.items()}
+    if floors:
+        cold_p50 = summary([s.cookie_ms for s in cold]).get("p50", float("nan"))
+        stack = summary(list(floors.values())[-1]).get("p50", float("nan"))
+        outcome.notes.append(
+            f"{runtime}: cold /get_cookie p50 {cold_p50:.0f} ms against {stack:.0f} ms for an interpreter "
+            "that only imports the node's third-party stack (same run): the rest is the node's own "
+            "imports and registry, the spawn, and the manager's health polling."
+        )
     outcome.add(*_figures(runtime, cold, warm, bare), *_floor_figures(runtime, floors))
     if len(cold) < sessions or len(warm) < sessions:
         outcome.notes.append(
