@@ -80,6 +80,9 @@ class Route:
     #: monotonic time the record was read
     loaded: float
     owner: str | None = None
+    #: False for a route cached from the manager's own write (the hand-over), not read back: it
+    #: saves the session's first request a read, but does not serve through a database outage
+    read: bool = True
 
     @property
     def expires(self) -> float:
@@ -157,7 +160,8 @@ class SessionService:
         except DatabaseUnavailable as exc:
             if self._database_down is None or now >= self._database_down[0]:
                 self._database_down = (time.monotonic() + DATABASE_RETRY_SECONDS, str(exc))
-            if route is not None and now - route.loaded <= self.settings.database_outage_grace_seconds:
+            grace = self.settings.database_outage_grace_seconds
+            if route is not None and route.read and now - route.loaded <= grace:
                 return route
             raise
         self._database_down = None
@@ -176,8 +180,10 @@ class SessionService:
             return None
         return self._cache_route(node, now)
 
-    def _cache_route(self, node: ToolServerNode, now: float) -> Route:
-        route = Route(node.id, node.short_id, node.status, node.ip, node.port, node.secret, now, node.owner)
+    def _cache_route(self, node: ToolServerNode, now: float, read: bool = True) -> Route:
+        route = Route(
+            node.id, node.short_id, node.status, node.ip, node.port, node.secret, now, node.owner, read
+        )
         self._routes[node.id] = route
         return route
 
@@ -313,7 +319,7 @@ class SessionService:
                 "deadline); retry"
             )
         if node.status == NodeStatus.RUNNING:  # its first request (right after this answer) needs no read
-            self._cache_route(node, time.monotonic())
+            self._cache_route(node, time.monotonic(), read=False)
 
     async def discard(self, node: ToolServerNode) -> None:
         """Remove a node no client received and its record (a client that left during its create)."""
