@@ -21,6 +21,7 @@ from bench import (
     checker_docker,
     churn,
     cluster,
+    density,
     first_byte,
     keycheck,
     lifecycle,
@@ -55,6 +56,7 @@ BENCHMARKS: dict[str, ModuleType] = {
         churn,
         lifecycle,
         cluster,
+        density,
     )
 }
 
@@ -157,8 +159,15 @@ def _write_docs(outcomes: list[Outcome], host: dict[str, object]) -> None:
             plot_name = report.PLOT_NAME
         else:
             ready.notes.append(why)
+    dense = next((o for o in outcomes if o.name == density.NAME and o.raw), None)
+    if dense is not None:
+        why = plot.density_png(dense.raw, DOCS_DIR / report.DENSITY_PLOT_NAME)
+        if why is not None:
+            dense.notes.append(why)
     command = "make bench"
     text = report.markdown(outcomes, host, command, plot_name)
+    if dense is not None and (DOCS_DIR / report.DENSITY_PLOT_NAME).exists():
+        text += f"\n![Density: memory and /alive latency against live sessions]({report.DENSITY_PLOT_NAME})\n"
     (DOCS_DIR / "benchmarks.md").write_text(text)
     print(f"wrote {DOCS_DIR / 'benchmarks.md'}" + (f" and {DOCS_DIR / plot_name}" if plot_name else ""))
 

@@ -1,4 +1,5 @@
-"""The session-ready latency distribution (warm vs cold) as a PNG, with matplotlib if installed."""
+"""The session-ready latency distribution (warm vs cold) and the density curve as PNGs, with matplotlib if
+installed."""
 
 from __future__ import annotations
 
@@ -53,6 +54,43 @@ def session_ready_png(raw: dict[str, Any], out: Path) -> str | None:
     if not drawn:
         plt.close(fig)
         return "no session-ready samples to plot"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def density_png(raw: dict[str, Any], out: Path) -> str | None:
+    """Node memory and manager ``/alive`` latency against live sessions; None on success, else why not."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[bench]'); no plot"
+    curve = raw.get("curve") or []
+    if len(curve) < 2:
+        return "fewer than two density checkpoints; no plot"
+    live = [c["sessions"] for c in curve]
+    fig, (mem, lat) = plt.subplots(1, 2, figsize=(11, 4.2))
+    mem.plot(live, [c["nodes_uss_total_mib"] / 1024 for c in curve], "o-", label="nodes, total USS")
+    mem.plot(live, [c["manager_rss_mib"] / 1024 for c in curve], "s--", label="manager RSS")
+    mem.set_xlabel("live idle sessions")
+    mem.set_ylabel("GiB")
+    mem.set_title("memory")
+    mem.legend(fontsize=8)
+    lat.plot(live, [c["alive_ms"]["p50"] for c in curve], "o-", label="/alive p50")
+    lat.plot(live, [c["alive_ms"]["p99"] for c in curve], "s-", label="/alive p99")
+    lat.plot(live, [c["warm_claim_ms"]["p50"] for c in curve], "^--", label="warm claim p50")
+    lat.set_xlabel("live idle sessions")
+    lat.set_ylabel("milliseconds")
+    lat.set_title("manager latency")
+    lat.legend(fontsize=8)
+    for ax in (mem, lat):
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"Density: {live[-1]} idle sessions on one manager (process runtime)")
+    fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

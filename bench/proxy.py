@@ -7,6 +7,8 @@ a separate process: asyncio + httptools, closed loop, keep-alive connections):
 * *direct*: the node's own port, with the ``X-ToolServer-Node-Secret`` header;
 * *nginx*: Debian's nginx as a plain reverse proxy (one worker, keep-alive upstream, access log
   off, the secret injected with ``proxy_set_header``);
+* *chp*: JupyterHub's configurable-http-proxy (Node.js; ``bench/chp.py``, installed into
+  ``build/chp`` when missing), its default route to the node, the secret as a custom header;
 * *manager*: the manager's port with the session cookie (``auth: none``);
 * *manager + key*: a second worker process of the same manager (same database, same node) with
   ``auth: api_keys``, the session cookie and ``Authorization: Bearer <key>``; the session was
@@ -29,12 +31,14 @@ alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
 import httpx
 
 from bench import profiling
+from bench.chp import ConfigurableHttpProxy, chp_version, ensure_chp
 from bench.common import Context, Figure, Outcome, at_least, at_most
 from bench.loadgen import build_request, compare, run_in_subprocess
 from bench.nginx import Nginx, ensure_nginx
@@ -49,10 +53,16 @@ WORKLOADS: dict[str, dict[str, Any]] = {
     "1 KB echo": {"tool_name": "calculator", "arguments": {"expression": ECHO_DIGITS}},
 }
 EXPECTED = {"small": "42", "1 KB echo": ECHO_DIGITS}
-TARGETS = ("direct", "nginx", "manager", "manager + key", "manager, Unix socket")
-ADDED_P50_MS = 1.0
+UNIX = "manager, Unix socket"
+TARGETS = ("direct", "nginx", "chp", "manager", "manager + key", UNIX)
+ADDED_P50_MS = 0.4
+#: the node's own answer to the small call (issue 14)
+NODE_P50_MS = 0.4
 KEY_CHECK_P50_MS = 0.1
-THROUGHPUT_RATIO = 0.5
+#: the manager's throughput against nginx's (small call, c=1 and c=64), and against chp's
+THROUGHPUT_RATIO = 0.9
+CHP_RATIO = 1.0
+#: a sandbox node behind its Unix socket may be this much slower than a process node over TCP
 SOCKET_VS_TCP = 0.10
 
 
@@ -105,27 +115,40 @@ def _measure(ends: Endpoints, ctx: Context) -> dict[str, Any]:
         ends.check(workload)
         out[workload] = {}
         for concurrency in (1, 64):
-            specs = {t: _spec(ends, t, workload, concurrency, ctx) for t in TARGETS}
+            specs = {t: _spec(ends, t, workload, concurrency, ctx) for t in TARGETS if t in ends.ports}
             out[workload][str(concurrency)] = compare(specs, ctx.pick(2, 1))
     return out
 
 
 def _figures(results: dict[str, Any]) -> list[Figure]:
     rows = []
+    node = results["small"]["1"]["direct"]
+    rows.append(
+        Figure(
+            NAME,
+            "the node itself: small call, c=1, p50",
+            node["latency_ms"]["p50"],
+            "ms",
+            f"{node['rps_mean']:,.0f} req/s; p99 {node['latency_ms']['p99']:.3f} ms",
+            f"≤ {NODE_P50_MS:g} ms",
+            at_most(node["latency_ms"]["p50"], NODE_P50_MS),
+        )
+    )
     for workload, by_conc in results.items():
         for conc, cell in by_conc.items():
-            lat = {t: cell[t]["latency_ms"] for t in TARGETS}
+            lat = {t: cell[t]["latency_ms"] for t in cell}
             for pct in ("p50", "p99"):
                 added = lat["manager"][pct] - lat["direct"][pct]
                 ref = lat["nginx"][pct] - lat["direct"][pct]
-                has_target = pct == "p50" and conc == "1"
+                has_target = pct == "p50" and conc == "1" and workload == "small"
+                chp = f", chp adds {lat['chp'][pct] - lat['direct'][pct]:.3f} ms" if "chp" in lat else ""
                 rows.append(
                     Figure(
                         NAME,
                         f"{workload}, c={conc}: added latency {pct}",
                         added,
                         "ms",
-                        f"nginx adds {ref:.3f} ms (direct {lat['direct'][pct]:.3f} ms)",
+                        f"nginx adds {ref:.3f} ms{chp} (direct {lat['direct'][pct]:.3f} ms)",
                         f"≤ {ADDED_P50_MS:g} ms" if has_target else "",
                         at_most(added, ADDED_P50_MS) if has_target else None,
                     )
@@ -143,35 +166,52 @@ def _figures(results: dict[str, Any]) -> list[Figure]:
                     at_most(key_added, KEY_CHECK_P50_MS) if conc == "1" else None,
                 )
             )
-            tcp, unix = lat["manager"]["p50"], lat["manager, Unix socket"]["p50"]
-            slower = (unix - tcp) / tcp if tcp else float("nan")
-            rows.append(
-                Figure(
-                    NAME,
-                    f"{workload}, c={conc}: Unix-socket node vs TCP node, p50 latency",
-                    100 * slower,
-                    "%",
-                    f"TCP (process node) {tcp:.3f} ms, Unix socket (sandbox node) {unix:.3f} ms",
-                    f"≤ {100 * SOCKET_VS_TCP:g}%",
-                    at_most(slower, SOCKET_VS_TCP),
+            if UNIX in lat:
+                tcp, unix = lat["manager"]["p50"], lat[UNIX]["p50"]
+                slower = (unix - tcp) / tcp if tcp else float("nan")
+                rows.append(
+                    Figure(
+                        NAME,
+                        f"{workload}, c={conc}: Unix-socket node vs TCP node, p50 latency",
+                        100 * slower,
+                        "%",
+                        f"TCP (process node) {tcp:.3f} ms, Unix socket (sandbox node) {unix:.3f} ms",
+                        f"≤ {100 * SOCKET_VS_TCP:g}%",
+                        at_most(slower, SOCKET_VS_TCP),
+                    )
                 )
-            )
-            rps = {t: cell[t]["rps_mean"] for t in TARGETS}
+            rps = {t: cell[t]["rps_mean"] for t in cell}
             ratio = rps["manager"] / rps["nginx"] if rps["nginx"] else float("nan")
-            has_target = conc == "64"
+            has_target = workload == "small"
+            chp = f", chp {rps['chp']:,.0f} req/s" if "chp" in rps else ""
             rows.append(
                 Figure(
                     NAME,
                     f"{workload}, c={conc}: requests/s through the manager",
                     rps["manager"],
                     "req/s",
-                    f"nginx {rps['nginx']:,.0f} req/s, direct {rps['direct']:,.0f} req/s, "
+                    f"nginx {rps['nginx']:,.0f} req/s{chp}, direct {rps['direct']:,.0f} req/s, "
                     f"with a key {rps['manager + key']:,.0f} req/s",
-                    "≥ 50% of nginx" if has_target else "",
+                    f"≥ {100 * THROUGHPUT_RATIO:.0f}% of nginx" if has_target else "",
                     at_least(ratio, THROUGHPUT_RATIO) if has_target else None,
-                    note=f"{100 * ratio:.0f}% of nginx; Unix-socket node {rps[TARGETS[-1]]:,.0f} req/s",
+                    note=f"{100 * ratio:.0f}% of nginx"
+                    + (f"; Unix-socket node {rps[UNIX]:,.0f} req/s" if UNIX in rps else ""),
                 )
             )
+            if "chp" in rps:
+                chp_ratio = rps["manager"] / rps["chp"] if rps["chp"] else float("nan")
+                rows.append(
+                    Figure(
+                        NAME,
+                        f"{workload}, c={conc}: manager vs configurable-http-proxy (req/s)",
+                        100 * chp_ratio,
+                        "%",
+                        f"chp {rps['chp']:,.0f} req/s, manager {rps['manager']:,.0f} req/s; "
+                        f"chp adds {lat['chp']['p50'] - lat['direct']['p50']:.3f} ms p50",
+                        "ahead of chp" if has_target else "",
+                        at_least(chp_ratio, CHP_RATIO) if has_target else None,
+                    )
+                )
     return rows
 
 
@@ -217,8 +257,19 @@ def run(ctx: Context) -> Outcome:
         if binary is None:
             outcome.notes.append(f"nginx reference skipped: {why}")
             return outcome
-        with Nginx(binary, root / "nginx", f"{record['ip']}:{record['port']}", record["secret"]) as nginx:
+        upstream = f"{record['ip']}:{record['port']}"
+        chp_binary, chp_why = ensure_chp()
+        with contextlib.ExitStack() as stack:
+            nginx = stack.enter_context(Nginx(binary, root / "nginx", upstream, record["secret"]))
             ends.add("nginx", nginx.port, {})
+            if chp_binary is None:
+                outcome.notes.append(f"configurable-http-proxy reference skipped: {chp_why}")
+            else:
+                chp = ConfigurableHttpProxy(chp_binary, root / "chp", upstream, record["secret"])
+                ends.add("chp", stack.enter_context(chp).port, {})
+                outcome.notes.append(
+                    f"configurable-http-proxy {chp_version(chp_binary)}, Node.js from the machine."
+                )
             results = _measure(ends, ctx)
             outcome.raw["results"] = results
             outcome.add(*_figures(results))

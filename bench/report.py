@@ -11,6 +11,7 @@ from bench.common import Figure, Outcome
 
 HEADERS = ("Figure", "Value", "Reference (same run)", "Target", "Result")
 PLOT_NAME = "session_ready.png"
+DENSITY_PLOT_NAME = "density.png"
 
 
 def _row(fig: Figure) -> tuple[str, str, str, str, str]:

@@ -6,7 +6,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
@@ -15,6 +14,8 @@ from toolserver.errors import ConfigError
 
 def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
     """The mapping at the top of a YAML file; ConfigError when unreadable, invalid or not a mapping."""
+    import yaml  # here: a node started without a config file never needs it
+
     try:
         loaded = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as exc:

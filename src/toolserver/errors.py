@@ -133,6 +133,10 @@ class AdminRequired(AccessError):
     """The route needs an admin key."""
 
 
+class NodeConnectionError(ToolServerError):
+    """The proxy's connection to a node failed: refused, reset, or closed before the answer ended."""
+
+
 class NodeUnavailable(SessionError):
     """The session's node is not running or did not answer; ``status_code`` is 503 or 504."""
 

@@ -47,30 +47,38 @@ DEFAULT_REDIRECT_POST = [
 DEFAULT_REDIRECT_GET = ["/", "/commands", "/terminal"]
 
 
-class ExecuteToolRequest(BaseModel):
+class _Wire(BaseModel):
+    """A request body. Validators are built on first use, not at import: a node's start waits
+    for its imports, and each model costs milliseconds to build (the node builds them right after
+    it reports healthy, see :func:`toolserver.node.app.warm_up`)."""
+
+    model_config = ConfigDict(defer_build=True)
+
+
+class ExecuteToolRequest(_Wire):
     tool_name: str
     arguments: dict[str, Any] | str = Field(default_factory=dict)
     env_name: str | None = None
 
 
-class DownloadFileRequest(BaseModel):
+class DownloadFileRequest(_Wire):
     file_path: str
 
 
-class ToolNamesRequest(BaseModel):
+class ToolNamesRequest(_Wire):
     tool_names: list[str]
 
 
-class EnvNamesRequest(BaseModel):
+class EnvNamesRequest(_Wire):
     env_names: list[str]
 
 
-class RetrieveToolsRequest(BaseModel):
+class RetrieveToolsRequest(_Wire):
     question: str
     top_k: int = Field(default=5, ge=1, le=100)
 
 
-class RegisterToolRequest(BaseModel):
+class RegisterToolRequest(_Wire):
     tool_name: str
     code: str
 
@@ -105,7 +113,7 @@ EXPIRES_HEADER = "X-Session-Expires"
 WOKEN_HEADER = "X-Node-Woken"
 
 
-class SessionResources(BaseModel):
+class SessionResources(_Wire):
     """Resource limits a session asks for (``resources``); unset keys take ``node.resources``."""
 
     model_config = ConfigDict(extra="forbid")
@@ -117,7 +125,7 @@ class SessionResources(BaseModel):
     pids_limit: int | None = Field(None, gt=0)
 
 
-class SessionOptions(BaseModel):
+class SessionOptions(_Wire):
     """Options of a new session: the optional JSON body of ``/get_cookie``.
 
     The one place session options are read: every option is a field here, unknown keys are
@@ -125,7 +133,7 @@ class SessionOptions(BaseModel):
     the operator's (``sessions.*``) and are checked by the manager (:mod:`toolserver.manager.options`).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     labels: dict[LabelName, LabelValue] = Field(
         default_factory=dict,
@@ -182,8 +190,8 @@ class ReconnectOptions(BaseModel):
     timeout_seconds: float | None = Field(None, gt=0, allow_inf_nan=False, description="seconds from now")
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+class _Body(_Wire):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, defer_build=True)
 
 
 class CommandRequest(_Body):

@@ -9,7 +9,7 @@ from typing import Annotated
 import pytest
 from pydantic import Field
 
-from toolserver.errors import ToolArgumentError, ToolRegistrationError
+from toolserver.errors import ToolArgumentError, ToolError, ToolRegistrationError
 from toolserver.node.context import NodeContext
 from toolserver.node.registry import Env, Registry, tool
 from toolserver.node.schema import parse_docstring
@@ -131,3 +131,36 @@ def test_functions_that_cannot_be_tools(registry: Registry) -> None:
             registry.function_spec(func, "test")
     with pytest.raises(ToolRegistrationError, match="invalid tool name"):
         registry.function_spec(lambda: 1, "test", name="has space")
+
+
+@pytest.mark.asyncio
+async def test_inline_tools_run_on_the_event_loop_and_others_in_a_worker_thread(registry: Registry) -> None:
+    import threading
+
+    @tool(inline=True)
+    def quick(x: int) -> str:
+        """Where it ran."""
+        return threading.current_thread().name
+
+    @tool
+    def slow(x: int) -> str:
+        """Where it ran."""
+        return threading.current_thread().name
+
+    @tool(inline=True)
+    def broken(x: int) -> int:
+        """Fails."""
+        raise ValueError("no")
+
+    module = types.ModuleType("inline_tools")
+    for fn in (quick, slow, broken):
+        fn.__module__ = module.__name__
+        setattr(module, fn.__name__, fn)
+    registry.load_module(module)
+    here = threading.current_thread().name
+    assert await registry.execute("quick", {"x": 1}) == here
+    assert await registry.execute("slow", {"x": 1}) != here
+    with pytest.raises(ToolArgumentError):  # arguments are still validated
+        await registry.execute("quick", {"x": "not a number"})
+    with pytest.raises(ToolError, match="tool broken failed: ValueError: no"):
+        await registry.execute("broken", {"x": 1})

@@ -227,6 +227,8 @@ class ManagerApp(FastAPI):
         if kind == "lifespan":
             return await super().__call__(scope, receive, send)
         path = scope["path"]
+        if path == "/alive" and kind == "http" and scope["method"] == "GET":  # probed often: no framework
+            return await send_json(send, 200, "alive")
         keyring: KeyRing | None = self.state.keyring
         if keyring is None:
             scope[SCOPE_KEY] = ANONYMOUS

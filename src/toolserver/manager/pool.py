@@ -1,6 +1,7 @@
 """The warm pool: ``node.warm_pool_size`` started, healthy nodes that no session holds yet.
 
-``/get_cookie`` claims one (see :meth:`Store.claim_pooled`); the pool refills in the background.
+``/get_cookie`` claims one (see :meth:`Store.claim_pooled`); the pool refills in the background,
+:data:`REFILL_DELAY_SECONDS` after the claim.
 A pool node has never served anyone, so it is as fresh as a cold one: empty workspace, its own
 secret, no kernel started.
 """
@@ -20,6 +21,9 @@ log = logging.getLogger(__name__)
 #: Pool nodes started at once while refilling (the machine also serves sessions meanwhile).
 REFILL_CONCURRENCY = 2
 MAX_BACKOFF = 30.0
+#: After a claim, the refill waits this long: a node's start takes a core for a good part of a
+#: second, and the session that just claimed a node makes its first calls right now.
+REFILL_DELAY_SECONDS = 0.5
 
 
 class WarmPool:
@@ -65,6 +69,8 @@ class WarmPool:
             delay = min(MAX_BACKOFF, self.interval * (2**failures)) if failures else self.interval
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
+            if self._wake.is_set():  # a claim: let the session's first calls go first
+                await asyncio.sleep(REFILL_DELAY_SECONDS)
             self._wake.clear()
 
     async def aclose(self, release: bool) -> None:

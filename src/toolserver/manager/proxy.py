@@ -2,15 +2,16 @@
 
 Forwarded paths never enter the web framework: the proxy reads the ``node_id`` cookie, finds the
 node's route (cached, see :meth:`SessionService.route`), and streams the request body to the node
-and the node's answer back through one pooled aiohttp client. Nothing is buffered: a 1 GiB upload
-or download passes through in chunks, and each chunk of a streamed answer (a command's output) is
-sent on as soon as it arrives. A streamed answer stops when its client goes away, so that the node
-sees the client go; while it streams, the session counts as active. Hop-by-hop headers, the
-caller's API key and the manager's own cookie are not forwarded (the node is the agent's: nothing
-that grants access goes there); the node's secret is added. The caller (authenticated in front,
-see :mod:`toolserver.manager.auth`) must own the session or hold an admin key. A client that sends
-``X-ToolServer-Cancel-On-Disconnect`` (with a body of at most 64 KiB, a tool call say) has its
-request to the node closed when it goes away before the answer, and the node then stops the tool.
+and the node's answer back over pooled keep-alive connections (:mod:`toolserver.manager.upstream`).
+Nothing is buffered: a 1 GiB upload or download passes through in chunks, and each chunk of a
+streamed answer (a command's output) is sent on as soon as it arrives. A streamed answer stops when
+its client goes away, so that the node sees the client go; while it streams, the session counts as
+active. Hop-by-hop headers, the caller's API key and the manager's own cookie are not forwarded
+(the node is the agent's: nothing that grants access goes there); the node's secret is added. The
+caller (authenticated in front, see :mod:`toolserver.manager.auth`) must own the session or hold an
+admin key. A client that sends ``X-ToolServer-Cancel-On-Disconnect`` (with a body of at most 64
+KiB, a tool call say) has its request to the node closed when it goes away before the answer, and
+the node then stops the tool.
 """
 
 from __future__ import annotations
@@ -23,15 +24,20 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
-from multidict import CIMultiDict
 
 from toolserver.disconnect import disconnected, unless_disconnected
-from toolserver.errors import DatabaseUnavailable, InvalidSession, ToolCancelled, ToolServerError
+from toolserver.errors import (
+    DatabaseUnavailable,
+    InvalidSession,
+    NodeConnectionError,
+    ToolCancelled,
+    ToolServerError,
+)
 from toolserver.manager.activity import ActivityBuffer
 from toolserver.manager.auth import ANONYMOUS, SCOPE_KEY, Caller
 from toolserver.manager.metrics import Metrics
 from toolserver.manager.sessions import Route, SessionService
-from toolserver.manager.upstream import NodeConnector, node_url
+from toolserver.manager.upstream import NodeConnector, UpstreamPool, host_header
 from toolserver.manager.wake import route_headers, sleeping, wake_failure
 from toolserver.protocol import CANCEL_ON_DISCONNECT_HEADER, COOKIE_NAME, RETRY_AFTER_SECONDS, SECRET_HEADER
 from toolserver.runtimes.base import RUNNING
@@ -55,6 +61,7 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
         b"proxy-connection",
         b"host",
+        b"expect",  # the manager's server answered it already (100 Continue)
         SECRET_HEADER.lower().encode(),
         _CANCEL_ON_DISCONNECT,
     }
@@ -66,6 +73,8 @@ NOT_RETURNED = HOP_BY_HOP | {b"date"}
 CHUNK = 256 * 1024
 SMALL_BODY = 64 * 1024
 _COOKIE_PREFIX = COOKIE_NAME + "="
+_SECRET = SECRET_HEADER.encode()
+_X_FORWARDED_FOR = b"x-forwarded-for: %b\r\n"
 
 
 def session_cookie(cookie_header: str) -> tuple[str | None, str]:
@@ -117,9 +126,11 @@ class NodeProxy:
             cookie_jar=aiohttp.DummyCookieJar(),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        )
+        )  # WebSockets and MCP calls; forwarded HTTP requests go through ``upstream``
+        self.upstream = UpstreamPool(timeout, max_connections=max_connections)
 
     async def aclose(self) -> None:
+        await self.upstream.aclose()
         await self.client.close()
 
     async def route(self, scope: Scope, node_id: str | None, send: Any) -> Route | None:
@@ -149,31 +160,30 @@ class NodeProxy:
 
     async def forward(self, scope: Scope, receive: Any, send: Any) -> None:
         started = time.perf_counter()
-        headers: CIMultiDict[str] = CIMultiDict()
+        lines: list[bytes] = []
         node_id = None
         chunked = cancellable = False
         length = 0
-        for raw_name, raw_value in scope["headers"]:
-            name = raw_name.lower()
+        for name, value in scope["headers"]:  # uvicorn hands them over lower-cased
             if name in NOT_FORWARDED:
                 chunked = chunked or name == b"transfer-encoding"
                 cancellable = cancellable or name == _CANCEL_ON_DISCONNECT
                 continue
-            value = raw_value.decode("latin-1")
             if name == b"cookie":
-                node_id, value = session_cookie(value)
-                if not value:
+                node_id, rest = session_cookie(value.decode("latin-1"))
+                if not rest:
                     continue
+                value = rest.encode("latin-1")
             elif name == b"content-length":
                 length = int(value) if value.isdigit() else 0
-            headers.add(raw_name.decode("latin-1"), value)
+            lines.append(b"%b: %b\r\n" % (name, value))
         route = await self.route(scope, node_id, send)
         if route is None:
             return None
         # while a request is in flight its node is not idle (the checker puts no busy node to sleep)
         self.activity.begin(route.node_id)
         try:
-            await self._send_to(route, scope, receive, send, headers, chunked, cancellable, length, started)
+            await self._send_to(route, scope, receive, send, lines, chunked, cancellable, length, started)
         finally:
             self.activity.end(route.node_id)
 
@@ -183,19 +193,27 @@ class NodeProxy:
         scope: Scope,
         receive: Any,
         send: Any,
-        headers: CIMultiDict[str],
+        lines: list[bytes],
         chunked: bool,
         cancellable: bool,
         length: int,
         started: float,
     ) -> None:
-        headers[SECRET_HEADER] = route.secret
-        if scope.get("client"):
-            headers["X-Forwarded-For"] = scope["client"][0]
-        url = node_url(self.client, route.host, route.port, scope["path"])
-        if scope.get("query_string"):
-            url += "?" + scope["query_string"].decode("latin-1")
         path = scope["path"]
+        target = path.encode()
+        if scope.get("query_string"):
+            target += b"?" + scope["query_string"]
+        client = scope.get("client")
+        head = b"%b %b HTTP/1.1\r\nhost: %b\r\n%b%b%b: %b\r\n%b\r\n" % (
+            scope["method"].encode(),
+            target,
+            host_header(route.host, route.port),
+            b"".join(lines),
+            _X_FORWARDED_FOR % client[0].encode() if client else b"",
+            _SECRET,
+            route.secret.encode(),
+            b"transfer-encoding: chunked\r\n" if chunked else b"",
+        )
         sent = [0]
         streamed_body = chunked or length > SMALL_BODY
         try:
@@ -204,9 +222,7 @@ class NodeProxy:
             else:  # a small body goes out in one write with the request head
                 data = await _read_all(receive) if length else None
                 sent[0] = len(data) if data else 0
-            request = self.client.request(
-                scope["method"], url, headers=headers, data=data, allow_redirects=False
-            )
+            request = self.upstream.request(route.host, route.port, head, data, chunked)
             if cancellable and not streamed_body:  # the body is read: receive() can only tell a disconnect
                 resp = await unless_disconnected(receive, lambda: request)
             else:
@@ -219,11 +235,12 @@ class NodeProxy:
             self.metrics.proxied(path, 504, time.perf_counter() - started, sent[0], 0)
             detail = f"node did not answer within {self.timeout:g} s (node.request_timeout_seconds)"
             return await send_json(send, 504, {"detail": detail})
-        except aiohttp.ClientError as exc:
+        except NodeConnectionError as exc:
             log.warning("node %s is not responding: %s", route.short_id, exc)
             self.metrics.runtime_errors.labels("node_not_responding").inc()
             self.metrics.proxied(path, 503, time.perf_counter() - started, sent[0], 0)
             self.sessions.forget_route(route.node_id)
+            self.upstream.forget(route.host, route.port)
             return await send_json(send, 503, {"detail": "node is not responding"})
         seconds = time.perf_counter() - started  # the node's answer has started
         received = 0
@@ -244,19 +261,19 @@ class NodeProxy:
             if gone is not None:
                 gone.add_done_callback(lambda done: done.cancelled() or resp.close())
             try:
-                async for chunk in resp.content.iter_chunked(CHUNK):
+                async for chunk in resp.chunks():
                     received += len(chunk)
                     self.activity.touch(route.node_id)  # a long stream keeps its session active
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 await send({"type": "http.response.body", "body": b""})
-            except aiohttp.ClientError:
+            except NodeConnectionError:
                 if gone is not None and gone.done():
                     return None  # the client went away: nobody to answer
                 raise
             finally:
                 if gone is not None:
                     gone.cancel()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (NodeConnectionError, TimeoutError) as exc:
             # the answer is already under way: returning without finishing it makes the server close
             # the connection, so the client sees it cut (no traceback: the node's failure, not ours)
             reason = str(exc) or type(exc).__name__

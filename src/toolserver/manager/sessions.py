@@ -96,6 +96,9 @@ class Route:
     woken: str | None = None
     #: the session's expiry as the X-Session-Expires header gives it
     expires_at: str | None = None
+    #: False for a route cached from the manager's own write (the hand-over), not read back: it
+    #: saves the session's first request a read, but does not serve through a database outage
+    read: bool = True
 
     @property
     def expires(self) -> float:
@@ -177,7 +180,8 @@ class SessionService:
         except DatabaseUnavailable as exc:
             if self._database_down is None or now >= self._database_down[0]:
                 self._database_down = (time.monotonic() + DATABASE_RETRY_SECONDS, str(exc))
-            if route is not None and now - route.loaded <= self.settings.database_outage_grace_seconds:
+            grace = self.settings.database_outage_grace_seconds
+            if route is not None and route.read and now - route.loaded <= grace:
                 return route
             raise
         self._database_down = None
@@ -194,6 +198,9 @@ class SessionService:
         if node is None or node.ownership != Ownership.SESSION:  # only a handed-over cookie routes
             self._routes.pop(node_id, None)
             return None
+        return self._cache_route(node, now)
+
+    def _cache_route(self, node: ToolServerNode, now: float, read: bool = True) -> Route:
         route = Route(
             node.id,
             node.short_id,
@@ -205,8 +212,9 @@ class SessionService:
             node.owner,
             node.asleep,
             expires_at=expires_text(node.expires_at),
+            read=read,
         )
-        self._routes[node_id] = route
+        self._routes[node.id] = route
         return route
 
     def forget_route(self, node_id: str) -> None:
@@ -364,6 +372,8 @@ class SessionService:
                 f"node {node.short_id} was removed before its cookie went out (the create outlived its "
                 "deadline); retry"
             )
+        if node.status == NodeStatus.RUNNING:  # its first request (right after this answer) needs no read
+            self._cache_route(node, time.monotonic(), read=False)
 
     async def discard(self, node: ToolServerNode) -> None:
         """Remove a node no client received and its record (a client that left during its create)."""

@@ -17,6 +17,7 @@ Streamed commands (:mod:`toolserver.node.commands`) answer NDJSON; ``/terminal``
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import gc
 import json
@@ -88,19 +89,42 @@ class SecretMiddleware:
         self.secret = secret.encode() if secret else None
         self.header = protocol.SECRET_HEADER.lower().encode()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.secret is None or scope["type"] not in ("http", "websocket"):
-            return await self.app(scope, receive, send)
+    def refusal(self, scope: Scope) -> Response | None:
+        """The 401 answer for a request without the right secret, else None."""
+        if self.secret is None:
+            return None
         if scope["path"] == "/health" and scope.get("method") in ("GET", "HEAD"):
-            return await self.app(scope, receive, send)
+            return None
         given = next((v for k, v in scope["headers"] if k == self.header), None)
         if given is None or not secrets.compare_digest(given, self.secret):
             reason = "missing" if given is None else "wrong"
-            response = _error(
-                401, f"{reason} {protocol.SECRET_HEADER} header: this node only serves its manager"
-            )
+            return _error(401, f"{reason} {protocol.SECRET_HEADER} header: this node only serves its manager")
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and (response := self.refusal(scope)) is not None:
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+class NodeApp(Starlette):
+    """Starlette, with the POST routes of :attr:`fast` called straight after the secret check.
+
+    Every endpoint is wrapped by :func:`_endpoint` (nothing escapes it), so the framework's
+    middleware and its route matching only cost time on the hot path of a tool call.
+    """
+
+    fast: dict[str, Handler] = {}
+    guard: SecretMiddleware
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            handler = self.fast.get(scope["path"])
+            if handler is not None:
+                scope["app"] = self
+                response = self.guard.refusal(scope) or await handler(Request(scope, receive))
+                return await response(scope, receive, send)
+        return await super().__call__(scope, receive, send)
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -231,7 +255,38 @@ def build_registry(ctx: NodeContext) -> Registry:
     return registry
 
 
-def create_app(config: NodeConfig) -> Starlette:
+async def warm_up(registry: Registry) -> None:
+    """What the first tool call would otherwise pay for, done as soon as the node serves (so
+    ``/health`` is not delayed): the request models' validators, a worker thread for sync tools,
+    and one call of the calculator through the registry. Each step yields to requests first."""
+    await asyncio.sleep(0)  # the server starts listening first
+    try:
+        for model in _request_models():
+            await asyncio.sleep(0)
+            model.model_rebuild()
+        await anyio.to_thread.run_sync(_nothing)
+        if "calculator" in registry.tools:
+            await registry.execute("calculator", {"expression": "1+1"})
+    except Exception as exc:  # only time is lost: the first call does it instead
+        log.warning("warm-up after start failed: %s: %s", type(exc).__name__, exc)
+    gc.freeze()  # imports and the registry live as long as the node: no full GC passes over them
+
+
+def _request_models() -> list[Any]:
+    from pydantic import BaseModel
+
+    return [
+        m
+        for m in vars(protocol).values()
+        if isinstance(m, type) and issubclass(m, BaseModel) and m.__module__ == protocol.__name__
+    ]
+
+
+def _nothing() -> None:
+    return None
+
+
+def create_app(config: NodeConfig) -> NodeApp:
     """Build the node's ASGI app; tools are registered before it returns (so /health means ready)."""
     ctx = NodeContext(config)
     _prepare_state_dir(ctx)
@@ -298,9 +353,13 @@ def create_app(config: NodeConfig) -> Starlette:
                 raise ToolArgumentError(f"'arguments' is a string but not valid JSON: {exc}") from None
             if not isinstance(arguments, dict):
                 raise ToolArgumentError("'arguments' must be a JSON object of argument names to values")
-        result = await unless_disconnected(
-            request.receive, lambda: registry.execute(req.tool_name, arguments, req.env_name)
-        )
+        spec = registry.tools.get(req.tool_name)
+        if spec is not None and spec.inline and not req.env_name:  # microseconds: nothing to cancel
+            result = await registry.execute(req.tool_name, arguments)
+        else:
+            result = await unless_disconnected(
+                request.receive, lambda: registry.execute(req.tool_name, arguments, req.env_name)
+            )
         return JSONBody(wrap_result(result))
 
     async def register_new_tool(request: Request) -> Response:
@@ -379,11 +438,12 @@ def create_app(config: NodeConfig) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        gc.freeze()  # imports and the registry live as long as the node: no full GC passes over them
         log.info("node ready: %d tools, workspace %s", len(registry.tools), ctx.workspace)
+        warming = asyncio.get_running_loop().create_task(warm_up(registry))
         try:
             yield
         finally:
+            warming.cancel()
             await ctx.aclose()
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -416,12 +476,14 @@ def create_app(config: NodeConfig) -> Starlette:
         WebSocketRoute("/terminal", terminal),
     ]
     secret = config.secret.get_secret_value() if config.secret else None
-    app = Starlette(
+    app = NodeApp(
         routes=routes,
         middleware=[Middleware(SecretMiddleware, secret=secret)],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error},
     )
+    app.guard = SecretMiddleware(app, secret)
+    app.fast = {r.path: r.endpoint for r in routes if isinstance(r, Route) and r.methods == {"POST"}}
     app.state.ctx = ctx
     app.state.registry = registry
     return app

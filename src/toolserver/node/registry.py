@@ -3,7 +3,9 @@
 A tool is a plain function (sync or async) marked with ``@tool``, or a method marked with ``@tool``
 on a subclass of :class:`Env`; env tools are named ``<Env>_<method>``. Modules are scanned for both.
 Hidden tools are left out of ``/get_available_tools`` but can still be retrieved and executed.
-Sync tools run in a worker thread, never on the event loop.
+Sync tools run in a worker thread, never on the event loop, except those marked
+``@tool(inline=True)``: bounded, CPU-only work of microseconds (the calculator), for which the
+hand-over to a thread costs more than the call.
 """
 
 from __future__ import annotations
@@ -42,13 +44,14 @@ class ToolOptions:
     name: str | None = None
     hidden: bool = False
     description: str | None = None
+    inline: bool = False
 
 
 @overload
 def tool(func: F) -> F: ...
 @overload
 def tool(
-    *, name: str | None = None, hidden: bool = False, description: str | None = None
+    *, name: str | None = None, hidden: bool = False, description: str | None = None, inline: bool = False
 ) -> Callable[[F], F]: ...
 def tool(
     func: Callable[..., Any] | None = None,
@@ -56,11 +59,16 @@ def tool(
     name: str | None = None,
     hidden: bool = False,
     description: str | None = None,
+    inline: bool = False,
 ) -> Any:
-    """Mark a function or an Env method as a tool: ``@tool`` or ``@tool(name=..., hidden=True)``."""
+    """Mark a function or an Env method as a tool: ``@tool`` or ``@tool(name=..., hidden=True)``.
+
+    ``inline=True`` runs a sync tool on the event loop rather than in a worker thread: only for
+    work bounded to microseconds (it cannot be stopped by ``tool_timeout``, nor cancelled).
+    """
 
     def mark(fn: F) -> F:
-        setattr(fn, _MARK, ToolOptions(name=name, hidden=hidden, description=description))
+        setattr(fn, _MARK, ToolOptions(name=name, hidden=hidden, description=description, inline=inline))
         return fn
 
     return mark(func) if func is not None else mark
@@ -102,6 +110,8 @@ class ToolSpec:
     env: str | None = None
     origin: str = ""
     is_async: bool = False
+    #: a bounded sync tool run on the event loop (see :func:`tool`)
+    inline: bool = False
     _schema: dict[str, Any] | None = field(default=None, repr=False)
 
     def schema(self) -> dict[str, Any]:
@@ -145,6 +155,7 @@ def make_spec(
     description: str | None = None,
     env: str | None = None,
     origin: str = "",
+    inline: bool = False,
 ) -> ToolSpec:
     if not TOOL_NAME.match(name):
         raise ToolRegistrationError(
@@ -161,6 +172,7 @@ def make_spec(
         env=env,
         origin=origin,
         is_async=is_async,
+        inline=inline and not is_async,
     )
 
 
@@ -185,6 +197,7 @@ class Registry:
             hidden=opts.hidden,
             description=opts.description,
             origin=origin,
+            inline=opts.inline,
         )
 
     def env_specs(self, cls: type[Env], origin: str) -> tuple[EnvSpec, list[ToolSpec]]:
@@ -208,6 +221,7 @@ class Registry:
                         description=opts.description,
                         env=env_name,
                         origin=origin,
+                        inline=opts.inline,
                     )
                 )
         description, _ = parse_docstring(inspect.getdoc(cls))
@@ -299,6 +313,13 @@ class Registry:
         kwargs = spec.signature.bind(arguments)
         if spec.signature.context_param:
             kwargs[spec.signature.context_param] = self.ctx
+        if spec.inline:
+            try:
+                return spec.func(**kwargs)
+            except ToolError:
+                raise
+            except (Exception, SystemExit) as exc:
+                raise _failed(spec, exc) from exc
         limit = self.ctx.config.tool_timeout
         deadline = asyncio.timeout(limit)
         try:
@@ -317,10 +338,14 @@ class Registry:
                 raise ToolTimeout(
                     f"tool {spec.name} did not finish within {limit:g} s and was stopped"
                 ) from None
-            log.warning("tool %s failed", spec.name, exc_info=True)
-            text = str(exc) or repr(exc)
-            raise ToolError(f"tool {spec.name} failed: {type(exc).__name__}: {text}") from exc
+            raise _failed(spec, exc) from exc
         return result
+
+
+def _failed(spec: ToolSpec, exc: BaseException) -> ToolError:
+    log.warning("tool %s failed", spec.name, exc_info=exc)
+    text = str(exc) or repr(exc)
+    return ToolError(f"tool {spec.name} failed: {type(exc).__name__}: {text}")
 
 
 def import_reference(ref: str) -> types.ModuleType:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import signal
@@ -39,7 +40,7 @@ def serve(
     signal.signal(signal.SIGTERM, _exit_cleanly)
     close_inherited(keep=fd)
 
-    import uvicorn
+    config_class, server_class = uvicorn_server()
 
     from toolserver.node.app import create_app
     from toolserver.node.settings import load_node_config
@@ -52,8 +53,8 @@ def serve(
         print(f"toolserver node: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     app = create_app(node_config)
-    server = uvicorn.Server(
-        uvicorn.Config(
+    server = server_class(
+        config_class(
             app,
             host=host,
             port=port,
@@ -63,10 +64,40 @@ def serve(
             access_log=False,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
             server_header=False,
+            proxy_headers=False,  # nothing here reads the client address: skip its middleware
         )
     )
     sockets = [socket.socket(fileno=fd)] if fd is not None else None
     server.run(sockets=sockets)
+
+
+def uvicorn_server() -> tuple[Any, Any]:
+    """uvicorn's ``Config`` and ``Server``, without running ``uvicorn/__init__`` first.
+
+    That file imports uvicorn's command line (click) and its reloaders (watchfiles,
+    multiprocessing), which a node never uses: about 50 modules, 2 MB of every node's memory
+    and a good part of its imports. The package's other names (``uvicorn.run``, say) still work:
+    the first use of one runs the whole ``__init__``.
+    """
+    if "uvicorn" not in sys.modules:
+        spec = importlib.util.find_spec("uvicorn")
+        assert spec is not None and spec.loader is not None
+        package = importlib.util.module_from_spec(spec)
+        loader = spec.loader
+
+        def complete(name: str) -> Any:
+            del package.__getattr__
+            loader.exec_module(package)
+            return getattr(package, name)
+
+        package.__getattr__ = complete  # type: ignore[attr-defined]
+        sys.modules["uvicorn"] = package
+    from uvicorn.config import Config
+
+    sys.modules["uvicorn"].Config = Config  # ``from uvicorn import Config`` (its lifespan does it)
+    from uvicorn.server import Server
+
+    return Config, Server
 
 
 def close_inherited(keep: int | None = None) -> list[int]:

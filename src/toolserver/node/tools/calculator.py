@@ -119,7 +119,7 @@ def _eval(node: ast.AST) -> Any:
     )
 
 
-@tool
+@tool(inline=True)  # bounded: MAX_EXPRESSION characters, MAX_INT_BITS per value
 def calculator(expression: str) -> int | float | str:
     """Evaluate an arithmetic expression exactly as written and return the number.
 
