@@ -42,9 +42,11 @@ from toolserver.protocol import SECRET_ENV
 from toolserver.runtimes.base import (
     CREATED,
     EXITED,
+    HEALTHY,
     PAUSED,
     RUNNING,
     STARTING,
+    UNHEALTHY,
     UNIX_PREFIX,
     NodeInfo,
     NodeSpec,
@@ -421,7 +423,7 @@ class SandboxRuntime(ProcessRuntime):
             if cgroup.frozen():
                 return self._info(mark, PAUSED, self._health_of(mark), reason)
             return self._info(mark, RUNNING, STARTING, reason)
-        info = super()._observe({**mark, "pid": mark["pid"]})
+        info = super()._observe(mark)
         if info.status == RUNNING:  # alive by pid but not in its cgroup: not ours
             info.status = EXITED
         if reason:
@@ -429,15 +431,15 @@ class SandboxRuntime(ProcessRuntime):
         return info
 
     def _health_of(self, mark: dict[str, Any]) -> str:
-        return "healthy" if mark["node_id"] in self._healthy_once else STARTING
+        return HEALTHY if mark["node_id"] in self._healthy_once else STARTING
 
     async def _probe(self, info: NodeInfo) -> None:
         ok = await unix_health(info.host.removeprefix(UNIX_PREFIX))
         if ok:
             self._healthy_once.add(info.node_id)
-            info.health = "healthy"
+            info.health = HEALTHY
         else:
-            info.health = "unhealthy" if info.node_id in self._healthy_once else STARTING
+            info.health = UNHEALTHY if info.node_id in self._healthy_once else STARTING
 
     async def _terminate(self, mark: dict[str, Any], grace: float) -> None:
         """SIGTERM the node's processes (not the sandbox's own), SIGKILL all of its cgroup after
@@ -447,7 +449,7 @@ class SandboxRuntime(ProcessRuntime):
         proc = self._alive(mark) if mark.get("pid") else None
         if proc is not None and grace > 0:
             await asyncio.to_thread(cgroup.freeze, False)
-            await asyncio.to_thread(self._signal_node, cgroup, proc, signal.SIGTERM)
+            await asyncio.to_thread(self._signal_node, proc, signal.SIGTERM)
             deadline = time.monotonic() + grace
             while time.monotonic() < deadline and self._alive(mark) is not None:
                 await asyncio.sleep(0.05)
@@ -465,7 +467,7 @@ class SandboxRuntime(ProcessRuntime):
             self._reaped.add((node_id, mark["pid"]))
 
     @staticmethod
-    def _signal_node(cgroup: NodeCgroup, proc: psutil.Process, sig: int) -> None:
+    def _signal_node(proc: psutil.Process, sig: int) -> None:
         """``sig`` to the node's server only, as ``docker stop`` signals a container's first process:
         the first process below the sandbox's own wrappers (bwrap, pasta, ...), which would kill the
         node at once instead of letting it shut down, and whose children (a running command) are the
