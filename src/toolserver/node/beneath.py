@@ -37,6 +37,18 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 def path_parts(workspace: Path, raw: str) -> list[str]:
     """The components of ``raw`` relative to the workspace; WorkspacePathError for what never can be."""
+    parts = _relative_parts(workspace, checked_text(raw), raw)
+    depth = 0
+    for part in parts:  # what leaves the workspace as written is refused, whatever exists
+        depth += -1 if part == ".." else 1
+        if depth < 0:
+            raise _outside(raw)
+    return parts
+
+
+def checked_text(raw: str) -> str:
+    """``raw`` as a workspace path's text (stripped, ``/``-separated); WorkspacePathError for what no
+    workspace path can be (not a string, a NUL byte, an unpaired surrogate, a home directory)."""
     if not isinstance(raw, str):
         raise WorkspacePathError(f"path must be a string, got {type(raw).__name__}")
     if "\x00" in raw:
@@ -53,7 +65,7 @@ def path_parts(workspace: Path, raw: str) -> list[str]:
             f"path {raw!r} points into a home directory, outside the workspace; "
             "use a path relative to the workspace"
         )
-    return _relative_parts(workspace, text, raw)
+    return text
 
 
 def _relative_parts(workspace: Path, text: str, raw: str) -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from toolserver.errors import WorkspacePathError
-from toolserver.node.beneath import Located, locate
+from toolserver.node.beneath import Located, checked_text, locate
 from toolserver.node.settings import NodeConfig
 
 log = logging.getLogger("toolserver.node")
@@ -30,22 +30,7 @@ _PRIVATE_ENV_PREFIX = "TOOLSERVER_NODE_"
 
 def resolve_in_workspace(workspace: Path, raw: str) -> Path:
     """Return the real path of ``raw`` (relative to ``workspace``) or raise WorkspacePathError."""
-    if not isinstance(raw, str):
-        raise WorkspacePathError(f"path must be a string, got {type(raw).__name__}")
-    if "\x00" in raw:
-        raise WorkspacePathError(f"path {raw!r} contains a NUL byte, which no workspace path may hold")
-    try:
-        raw.encode("utf-8")
-    except UnicodeEncodeError:
-        raise WorkspacePathError(
-            f"path {raw!r} is not valid Unicode (an unpaired surrogate): no file can have that name"
-        ) from None
-    text = raw.strip().replace("\\", "/")
-    if text.startswith("~"):
-        raise WorkspacePathError(
-            f"path {raw!r} points into a home directory, outside the workspace; "
-            "use a path relative to the workspace"
-        )
+    text = checked_text(raw)
     candidate = Path(text) if text else Path(".")
     target = candidate if candidate.is_absolute() else workspace / candidate
     real = Path(os.path.realpath(target))
