@@ -130,8 +130,11 @@ def outer_args(
 
 
 def inner_args() -> list[str]:
-    """The inner, unprivileged bwrap's options: a user namespace of its own and a private /tmp."""
+    """The inner, unprivileged bwrap's options: a user namespace of its own and a private /tmp
+    (which keeps the interpreter's paths that lie under /tmp, a checkout there say)."""
     uid = str(INNER_UID)
+    under_tmp = [p for p in python_paths() if p.startswith("/tmp/")]
+    keep = [arg for p in under_tmp for arg in ("--ro-bind", p, p)]
     return [
         "--unshare-user",
         "--disable-userns",
@@ -144,6 +147,7 @@ def inner_args() -> list[str]:
         "/",
         "--tmpfs",
         "/tmp",
+        *keep,
         "--tmpfs",
         "/dev/shm",
         "--new-session",
