@@ -39,16 +39,29 @@ DISK_LIMITS: dict[str, dict[str, Any]] = {
 UNCONFINED = "the process tier confines nothing: nodes run as the manager's user on the host"
 
 
-def escape_params(*, confined_everywhere: bool = False, run_on_process: bool = True) -> list[Any]:
+#: Known gaps of a tier, by check: expected failures (strict), reported as XFAIL with the reason.
+GAPS = {
+    ("swarm", "connect"): "swarm tier: a host-mode published port listens on every address of the "
+    "engine's host (Swarm's port config has no host IP), so a node reaches another through the gateway",
+    ("swarm", "disk"): "swarm tier: no workspace size limit yet (runtime_config.workspace_size is "
+    "Docker and gVisor only)",
+}
+
+
+def escape_params(
+    *, confined_everywhere: bool = False, run_on_process: bool = True, check: str = ""
+) -> list[Any]:
     """The tiers as params; on ``process`` the check is an expected failure (strict), unless it
     holds there too (``confined_everywhere``). ``run_on_process=False``: not even run there (it
-    would load the shared machine, nothing stops it)."""
+    would load the shared machine, nothing stops it). ``check`` names the check for :data:`GAPS`."""
     params = []
     for tier in tiers():
         param = tier.param()
         marks = list(param.marks)
         if tier.name == "process" and not confined_everywhere:
             marks.append(pytest.mark.xfail(strict=True, run=run_on_process, reason=UNCONFINED))
+        elif (tier.name, check) in GAPS:
+            marks.append(pytest.mark.xfail(strict=True, reason=GAPS[tier.name, check]))
         params.append(pytest.param(tier, id=tier.name, marks=marks))
     return params
 

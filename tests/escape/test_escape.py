@@ -64,7 +64,7 @@ def test_no_signal_to_the_manager_or_the_other_node(world: World) -> None:
     assert signalled == [], f"the attacker may signal {signalled}"
 
 
-@pytest.mark.parametrize(**WORLD)
+@pytest.mark.parametrize("world", escape_params(check="connect"), indirect=True)
 def test_no_connection_to_the_manager_or_the_other_node(world: World) -> None:
     gateway = world.probe("gateway")["gateway"]
     port = world.manager.port
@@ -134,7 +134,7 @@ def test_a_fork_bomb_is_contained(world: World) -> None:
     assert "limit" in seen or "'kind': 'died'" in seen, seen
 
 
-@pytest.mark.parametrize("world", escape_params(run_on_process=False), indirect=True)
+@pytest.mark.parametrize("world", escape_params(run_on_process=False, check="disk"), indirect=True)
 def test_a_disk_filler_is_contained(world: World) -> None:
     seen = _run_hog(world, DISK_FILLER)
     assert "No space left on device" in seen and "rc=0" not in seen, seen
