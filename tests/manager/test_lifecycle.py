@@ -17,6 +17,7 @@ import pytest
 from tests.support import ManagerProcess, inprocess_manager, wait_until
 from toolserver.protocol import EXPIRES_HEADER, WOKEN_HEADER
 from toolserver.runtimes.process import ProcessRuntime
+from toolserver.runtimes.registry import runtime_class
 from toolserver.testing.tiers import Tier, tier_params
 
 WRITE = "FileSystemEnv_write_to_file"
@@ -29,6 +30,12 @@ INSTALLED = "~/.local/installed.txt"
 @pytest.fixture(params=tier_params())
 def tier(request: pytest.FixtureRequest) -> Tier:
     return request.param  # type: ignore[no-any-return]
+
+
+def _needs(tier: Tier, capability: str) -> None:
+    """Skip, naming it, a tier whose runtime lacks ``capability`` (its 409 is tested below)."""
+    if capability not in runtime_class(tier.name).capabilities:
+        pytest.skip(f"tier {tier.name}: no {capability!r} capability")
 
 
 def _start(factory: Callable[..., ManagerProcess], tier: Tier, **node: Any) -> ManagerProcess:
@@ -179,6 +186,7 @@ def _from_now(expires: str) -> timedelta:
 def test_pause_keeps_the_kernel_and_a_request_wakes_it(
     manager_factory: Callable[..., ManagerProcess], tier: Tier
 ) -> None:
+    _needs(tier, "pause")
     manager = _start(manager_factory, tier)
     with httpx.Client(base_url=manager.url, timeout=120) as client:
         cookie, _ = _new(client)
@@ -209,6 +217,7 @@ def test_pause_keeps_the_kernel_and_a_request_wakes_it(
 def test_concurrent_requests_to_a_paused_node_share_one_wake(
     manager_factory: Callable[..., ManagerProcess], tier: Tier
 ) -> None:
+    _needs(tier, "pause")
     manager = _start(manager_factory, tier)
     with httpx.Client(base_url=manager.url, timeout=120) as client:
         cookie, _ = _new(client)
@@ -258,6 +267,7 @@ def test_an_idle_node_sleeps_and_the_next_request_wakes_it(
 def test_fork_copies_the_workspace_and_leaves_the_source_alone(
     manager_factory: Callable[..., ManagerProcess], tier: Tier
 ) -> None:
+    _needs(tier, "fork")
     manager = _start(manager_factory, tier)
     with httpx.Client(base_url=manager.url, timeout=120) as client:
         source, _ = _new(client, {"labels": {"team": "a"}})
