@@ -117,6 +117,9 @@ class DockerRuntime(Runtime):
         self._loop: asyncio.AbstractEventLoop | None = None
         #: creates in flight: the node network is not removed while one may be about to join it
         self._creating = 0
+        #: one network check/create at a time: concurrent creates of a missing network can make two
+        #: of the same name (the Engine's duplicate check is best effort), which nodes then fail to join
+        self._network_lock = asyncio.Lock()
         self.images: WorkspaceImages | None = None
         if config.workspace_size is not None:
             size = parse_size(config.workspace_size, "runtime_config.workspace_size")
@@ -298,6 +301,10 @@ class DockerRuntime(Runtime):
         """
         if self.template.network:
             return  # the operator's network (or none): used as configured
+        async with self._network_lock:
+            await self._ensure_network_once(docker, manager_id)
+
+    async def _ensure_network_once(self, docker: aiodocker.Docker, manager_id: str) -> None:
         name = self.template.node_network(manager_id)
         assert name is not None
         try:
@@ -339,7 +346,8 @@ class DockerRuntime(Runtime):
                     await DockerNetwork(docker, net["Id"]).delete()
 
         # 403/409: a container joined meanwhile (it is in use); 404: gone already
-        await self._api("network rm", drop, ok=(403, 404, 409))
+        async with self._network_lock:
+            await self._api("network rm", drop, ok=(403, 404, 409))
 
     async def _pull(self, image: str) -> None:
         log.info("node image %s is missing: pulling it", image)
