@@ -15,12 +15,14 @@ refuses to start a manager whose dockerd lacks it.
 
 from __future__ import annotations
 
-from typing import Literal
+import contextlib
+from typing import Any, Literal
 
+import aiodocker
 from pydantic import Field, ValidationInfo, model_validator
 
-from toolserver.errors import ConfigError, RuntimeBackendError
-from toolserver.runtimes.base import RuntimeContext
+from toolserver.errors import ConfigError, NodeNotFound, RuntimeBackendError
+from toolserver.runtimes.base import PAUSED, RuntimeContext
 from toolserver.runtimes.docker import DockerRuntime
 from toolserver.runtimes.docker_config import DockerConfig, translate_creation_kwargs
 
@@ -72,3 +74,29 @@ class GVisorRuntime(DockerRuntime):
                 "(it registers runsc in /etc/docker/daemon.json and reloads dockerd), "
                 "or choose isolation: docker, which works with this dockerd"
             )
+
+    # runsc cannot signal a frozen sandbox: Docker's kill, stop and removal of a paused gVisor
+    # container fail ("PID … is zombie and can not be killed"), so a paused node is thawed first.
+
+    async def _thaw(self, state: dict[str, Any]) -> None:
+        ref = self._ref(state)
+
+        async def thaw(docker: aiodocker.Docker) -> None:
+            container = docker.containers.container(ref)
+            if ((await container.show()).get("State") or {}).get("Status") == PAUSED:
+                await container.unpause()
+
+        with contextlib.suppress(NodeNotFound):
+            await self._api("unpause", thaw, ok=(404,))
+
+    async def stop(self, state: dict[str, Any], grace: float = 5.0) -> None:
+        await self._thaw(state)
+        await super().stop(state, grace)
+
+    async def kill(self, state: dict[str, Any]) -> None:
+        await self._thaw(state)
+        await super().kill(state)
+
+    async def remove(self, state: dict[str, Any]) -> None:
+        await self._thaw(state)
+        await super().remove(state)
