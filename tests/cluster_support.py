@@ -43,6 +43,8 @@ class Cluster:
     def replica(self, start: bool = True, **config: Any) -> ManagerProcess:
         n = len(self.replicas)
         node = {"health_check_interval": TICK, "on_shutdown": "keep", **config.pop("node", {})}
+        # the process tier: this harness finds a replica's nodes by their processes and marks
+        config.setdefault("isolation", "process")
         manager = ManagerProcess(
             self.root / f"replica{n}",
             database_url=self.server.url,
