@@ -483,9 +483,14 @@ class SandboxRuntime(ProcessRuntime):
                     child.send_signal(sig)
 
     async def _reap(self, dead: list[dict[str, Any]]) -> None:
-        """Kill what is left in the cgroups of dead nodes, once per death."""
+        """Kill what is left in the cgroups of dead nodes, once per death: only processes started
+        before the death was seen, since a node being started again joins the same cgroup."""
         new = {(m["node_id"], m["pid"]) for m in dead if m.get("pid")} - self._reaped
         self._reaped &= {(m["node_id"], m.get("pid")) for m in dead}
-        for node_id, _ in new:
-            await asyncio.to_thread(self._cgroup(node_id).kill_all)
+        seen_at = time.time()
+        for node_id, pid in new:
+            mark = await asyncio.to_thread(self._read_mark, self._dir({"node_id": node_id}))
+            if mark is not None and mark.get("pid") != pid:
+                continue  # started again since it was seen dead: the cgroup is the new run's
+            await asyncio.to_thread(self._cgroup(node_id).kill_all, 5.0, seen_at)
         self._reaped |= new

@@ -73,19 +73,23 @@ class NodeCgroup:
                 found.update(int(line) for line in text.split())
         return sorted(found)
 
-    def signal_all(self, sig: int) -> int:
-        """Send ``sig`` to every process of the node; how many there were."""
+    def signal_all(self, sig: int, born_before: float | None = None) -> int:
+        """Send ``sig`` to every process of the node (started before ``born_before``, a time as
+        ``time.time()``, when given); how many there were."""
         pids = self.pids()
+        if born_before is not None:
+            pids = [pid for pid in pids if _started(pid) < born_before]
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
         return len(pids)
 
-    def kill_all(self, timeout: float = 5.0) -> None:
-        """SIGKILL every process of the node until none is left (a frozen group is thawed first)."""
+    def kill_all(self, timeout: float = 5.0, born_before: float | None = None) -> None:
+        """SIGKILL every process of the node (started before ``born_before``) until none is left
+        (a frozen group is thawed first)."""
         self.freeze(False)
         deadline = time.monotonic() + timeout
-        while self.signal_all(signal.SIGKILL) and time.monotonic() < deadline:
+        while self.signal_all(signal.SIGKILL, born_before) and time.monotonic() < deadline:
             time.sleep(0.01)
 
     def freeze(self, frozen: bool) -> bool:
@@ -194,3 +198,13 @@ def _run(*argv: str) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     if done.returncode:
         raise OSError(f"{argv[0]} failed: {(done.stderr or done.stdout).strip()}")
+
+
+def _started(pid: int) -> float:
+    """When process ``pid`` started (``time.time()`` scale); 0 when it is gone already."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
