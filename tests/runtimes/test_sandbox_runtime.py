@@ -63,6 +63,23 @@ async def test_pause_freezes_and_resume_thaws_with_the_processes_kept(sandbox: C
 
 
 @pytest.mark.asyncio
+async def test_a_node_listed_as_it_starts_is_running_and_survives(sandbox: ConformanceHarness) -> None:
+    """A checker tick that lists a node the moment its start returns sees it running, and its
+    reaping of dead nodes leaves it alone (it used to see a process not yet in its cgroup, call
+    the node dead and SIGKILL the run that was starting)."""
+    runtime = sandbox.runtime()
+    for _ in range(5):
+        spec = sandbox.spec()
+        created = await runtime.create(spec)
+        sandbox.states.append(created.state)
+        started = await runtime.start(created.state)
+        (listed,) = [i for i in await runtime.list(sandbox.manager_id) if i.node_id == spec.node_id]
+        assert listed.status == RUNNING, f"listed as {listed.status} ({listed.detail}) right after its start"
+        await sandbox.ready(runtime, started.state)
+        await runtime.remove(started.state)
+
+
+@pytest.mark.asyncio
 async def test_fork_copies_the_workspace_and_keeps_the_source(sandbox: ConformanceHarness) -> None:
     runtime = sandbox.runtime()
     spec, info = await sandbox.started(runtime)

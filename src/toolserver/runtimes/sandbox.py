@@ -80,7 +80,9 @@ _WRAPPERS = frozenset({"bwrap", "pasta", "pasta.avx2", "sh", "prlimit", "setpriv
 OFFLINE_ENV = "TOOLSERVER_NODE_OFFLINE"
 OFFLINE_REASON = "runtime_config.network is 'none' (loopback only); set it to 'egress' for the web"
 #: ``sh -c`` script: write its own pid into the N cgroup.procs files given first, then exec the rest
-_JOIN_CGROUPS = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1"; shift; n=$((n-1)); done; exec "$@"'
+_JOIN_CGROUPS = (
+    'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done; exec "$@"'
+)
 
 
 def socket_path(node_dir: Path) -> Path:
@@ -277,6 +279,13 @@ class SandboxRuntime(ProcessRuntime):
             create_time = psutil.Process(proc.pid).create_time()
         except psutil.Error:
             create_time = None
+        # the mark names the pid once it is in its cgroups: a list() before would see a process
+        # outside the node's groups, call the node dead and reap the run that is just starting
+        if procs and not await asyncio.to_thread(cgroup.wait_joined, proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise RuntimeBackendError(f"node {node_id} did not join its cgroups (exit {proc.returncode})")
         mark.update(pid=proc.pid, create_time=create_time, socket=str(socket_path(node_dir)))
         await asyncio.to_thread(self._write_mark, node_dir, mark)
         state.update(node_id=node_id, dir=str(node_dir), pid=proc.pid)

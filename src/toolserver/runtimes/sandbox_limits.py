@@ -73,6 +73,21 @@ class NodeCgroup:
                 found.update(int(line) for line in text.split())
         return sorted(found)
 
+    def wait_joined(self, pid: int, timeout: float = 5.0) -> bool:
+        """Wait until process ``pid`` is in every group it was given (the join script's first
+        act); False when it is gone first or the time is up."""
+        groups = [self.path(c) / "cgroup.procs" for c in self.available()]
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if all(str(pid) in g.read_text().split() for g in groups):
+                    return True
+            except OSError:
+                return False
+            if time.monotonic() >= deadline or not _started(pid):
+                return False
+            time.sleep(0.001)
+
     def signal_all(self, sig: int, born_before: float | None = None) -> int:
         """Send ``sig`` to every process of the node (started before ``born_before``, a time as
         ``time.time()``, when given); how many there were."""
