@@ -29,8 +29,9 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 
-from sqlalchemy import distinct, func, select, update
+from sqlalchemy import func, select, update
 
 from toolserver.errors import DatabaseUnavailable
 from toolserver.manager.leases import Leases, database_now
@@ -39,6 +40,9 @@ from toolserver.manager.settings import Settings
 from toolserver.manager.store import Store
 
 log = logging.getLogger(__name__)
+
+#: seconds between two prunes of old leases by one replica
+PRUNE_EVERY = 600.0
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,7 @@ async def adopt(store: Store, dead: str, adopter: str) -> Adopted | None:
         .values(adopted_by=adopter, adopted_at=now)
     )
     origin = func.coalesce(ToolServerNode.origin, ToolServerNode.manager_id)
-    marks = select(distinct(origin)).where(ToolServerNode.manager_id == dead)
+    marks = select(origin).where(ToolServerNode.manager_id == dead).distinct()
     move = (
         update(ToolServerNode)
         .where(ToolServerNode.manager_id == dead)
@@ -82,11 +86,16 @@ async def adopt(store: Store, dead: str, adopter: str) -> Adopted | None:
 class Adopter:
     """One replica's side of it: renew the lease, and adopt the nodes of expired ones."""
 
-    def __init__(self, store: Store, leases: Leases, *, enabled: bool = True) -> None:
+    def __init__(
+        self, store: Store, leases: Leases, *, enabled: bool = True, retention: timedelta = timedelta(days=1)
+    ) -> None:
         self.store = store
         self.leases = leases
         self.manager_id = leases.manager_id
         self.enabled = enabled
+        #: how long the lease of an adopted replica is kept (see Leases.prune)
+        self.retention = retention
+        self._pruned_at: float | None = None
         #: monotonic time since which every renewal succeeded (None: the last one failed)
         self._live_since: float | None = None
         self._said_waiting = False
@@ -146,6 +155,17 @@ class Adopter:
             done.append(adopted)
         return done
 
+    async def prune(self) -> list[str]:
+        """Delete the leases of adopted replicas that never came back, at most every PRUNE_EVERY
+        seconds (a write to the shared database, so not every tick); the ids deleted."""
+        if self._pruned_at is not None and time.monotonic() - self._pruned_at < PRUNE_EVERY:
+            return []
+        self._pruned_at = time.monotonic()
+        gone = await self.leases.prune(self.retention)
+        for manager_id in gone:
+            log.info("deleted the lease of manager %s, adopted over %s ago", manager_id, self.retention)
+        return gone
+
     async def step_down(self) -> None:
         """End the lease at shutdown (best effort): the nodes go to a live replica at once."""
         with contextlib.suppress(Exception):
@@ -155,7 +175,8 @@ class Adopter:
 def cluster_adopter(settings: Settings, store: Store, holder: str) -> Adopter:
     """The adopter of a manager with these settings (its lease renewed by process ``holder``)."""
     leases = Leases(store, settings.manager_id, holder, settings.lease_seconds)
-    return Adopter(store, leases, enabled=settings.cluster.adopt)
+    retention = timedelta(hours=settings.cluster.lease_retention_hours)
+    return Adopter(store, leases, enabled=settings.cluster.adopt, retention=retention)
 
 
 __all__ = ["Adopted", "Adopter", "adopt", "cluster_adopter"]

@@ -340,6 +340,7 @@ class NodeChecker:
                 if self.adopter is not None:
                     for adopted in await self.adopter.adopt_expired():
                         self.marks |= adopted.origins
+                    await self.adopter.prune()
                 report = await self.tick()  # each error is logged where it happens
                 if self.on_tick is not None:
                     await self.on_tick(report)

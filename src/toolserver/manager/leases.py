@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, literal, select, update
+from sqlalchemy import DateTime, delete, func, literal, select, update
 from sqlalchemy.exc import IntegrityError
 
-from toolserver.manager.models import ManagerLease, utcnow
+from toolserver.manager.models import ManagerLease, ToolServerNode, utcnow
 from toolserver.manager.store import Store
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,17 @@ class LeaseView:
     expired: bool
 
 
-def database_now(store: Store) -> Any:
-    """An SQL expression for "now" in naive UTC on the database's clock (this host's for SQLite)."""
+def database_now(store: Store, offset: timedelta = timedelta(0)) -> Any:
+    """An SQL expression for "now" (plus ``offset``) in naive UTC on the database's clock.
+
+    SQLite, a single-host database, has neither a clock of its own nor datetime arithmetic (it
+    would add a number to the text it stores times as): there it is this host's time, computed
+    here.
+    """
     if store.url.get_backend_name() == "postgresql":
-        return func.timezone("UTC", func.now())
-    return literal(utcnow())
+        now = func.timezone("UTC", func.now())
+        return now + offset if offset else now
+    return literal(utcnow() + offset, DateTime)
 
 
 class Leases:
@@ -62,12 +68,11 @@ class Leases:
         """
         now = database_now(self.store)
         lease = timedelta(seconds=self.lease_seconds)
+        deadline = database_now(self.store, lease)
         q = (
             update(ManagerLease)
             .where(ManagerLease.manager_id == self.manager_id)
-            .values(
-                heartbeat_at=now, deadline=now + lease, holder=self.holder, adopted_by=None, adopted_at=None
-            )
+            .values(heartbeat_at=now, deadline=deadline, holder=self.holder, adopted_by=None, adopted_at=None)
         )
         before = select(ManagerLease.adopted_by).where(ManagerLease.manager_id == self.manager_id)
         for _ in range(2):
@@ -100,14 +105,37 @@ class Leases:
     async def expire(self) -> None:
         """End this manager's lease now (a graceful shutdown): a live replica adopts its nodes at
         its next tick rather than one lease later."""
-        now = database_now(self.store)
         q = (
             update(ManagerLease)
             .where(ManagerLease.manager_id == self.manager_id, ManagerLease.holder == self.holder)
-            .values(deadline=now - timedelta(seconds=1))
+            .values(deadline=database_now(self.store, -timedelta(seconds=1)))
         )
         async with self.store._write() as s:
             await s.execute(q)
+
+    async def prune(self, older_than: timedelta) -> list[str]:
+        """Delete the leases of managers adopted more than ``older_than`` ago that hold no record
+        since (a replica that never came back: a pod's manager id is gone with its pod); their ids."""
+        now = database_now(self.store)
+        cutoff = database_now(self.store, -older_than)
+        holds = (
+            select(ToolServerNode.id)
+            .where(ToolServerNode.manager_id == ManagerLease.manager_id)
+            .correlate(ManagerLease)
+        )
+        q = (
+            delete(ManagerLease)
+            .where(
+                ManagerLease.manager_id != self.manager_id,
+                ManagerLease.adopted_by.is_not(None),
+                ManagerLease.adopted_at < cutoff,
+                ManagerLease.deadline < now,
+                ~holds.exists(),
+            )
+            .returning(ManagerLease.manager_id)
+        )
+        async with self.store._write() as s:
+            return list((await s.scalars(q)).all())
 
     async def others(self) -> list[LeaseView]:
         """Every other manager's lease, with whether it has expired (on the database's clock)."""

@@ -180,6 +180,12 @@ class ClusterSettings(_Strict):
         "default 2 x node.health_check_interval",
     )
     adopt: bool = Field(True, description="adopt the nodes of replicas whose lease expired")
+    lease_retention_hours: float = Field(
+        24,
+        gt=0,
+        description="how long the lease of an adopted replica that never came back is kept before "
+        "it is deleted",
+    )
 
 
 class RedirectPaths(_Strict):
