@@ -35,6 +35,25 @@ FREEZE_WAIT = 10.0
 Marked = Callable[[str], list[psutil.Process]]
 
 
+def set_freezer_state(group: Path, frozen: bool, wait: float = FREEZE_WAIT) -> None:
+    """Freeze or thaw the cgroup v1 freezer ``group`` and wait until the kernel says it is done
+    (every task frozen); a freeze that does not finish in ``wait`` is undone and raises
+    RuntimeBackendError, as does a group that cannot be written."""
+    want = "FROZEN" if frozen else "THAWED"
+    state = group / "freezer.state"
+    try:
+        state.write_text(want)
+        deadline = time.monotonic() + wait
+        while state.read_text().strip() != want:
+            if time.monotonic() > deadline:
+                if frozen:
+                    state.write_text("THAWED")
+                raise RuntimeBackendError(f"cgroup {group.name} did not reach {want} within {wait:g} s")
+            time.sleep(0.005)
+    except OSError as exc:
+        raise RuntimeBackendError(f"cannot set cgroup {group.name} {want}: {exc}") from exc
+
+
 class Freezer:
     """Freezes and thaws the processes of one node, by cgroup freezer or by signals."""
 
@@ -85,15 +104,9 @@ class Freezer:
                 for proc in self.marked(node_id):
                     with contextlib.suppress(ProcessLookupError, OSError):
                         (group / "cgroup.procs").write_text(str(proc.pid))
-            (group / "freezer.state").write_text("FROZEN")
-            deadline = time.monotonic() + FREEZE_WAIT
-            while (group / "freezer.state").read_text().strip() != "FROZEN":
-                if time.monotonic() > deadline:
-                    (group / "freezer.state").write_text("THAWED")
-                    raise RuntimeBackendError(f"node {node_id} did not freeze within {FREEZE_WAIT:g} s")
-                time.sleep(0.005)
         except OSError as exc:
             raise RuntimeBackendError(f"cannot freeze node {node_id}: {exc}") from exc
+        set_freezer_state(group, True)
 
     def thaw(self, node_id: str) -> None:
         """Thaw the node's processes (nothing to do when they are not frozen)."""
@@ -101,12 +114,8 @@ class Freezer:
             self._signal(self.marked(node_id), signal.SIGCONT)
             return
         group = self.group(node_id)
-        if not group.exists():
-            return
-        try:
-            (group / "freezer.state").write_text("THAWED")
-        except OSError as exc:
-            raise RuntimeBackendError(f"cannot thaw node {node_id}: {exc}") from exc
+        if group.exists():
+            set_freezer_state(group, False)
 
     def frozen(self, node_id: str) -> bool:
         """Whether the node's group is frozen (with signals: whether its processes are stopped)."""
