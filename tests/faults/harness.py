@@ -46,11 +46,12 @@ def session_headers(node_id: str) -> dict[str, str]:
     return {"Cookie": f"node_id={node_id}"}
 
 
-#: The tiers the fault suite runs on by default (see FaultManager.runtime_nodes). Not yet: sandbox
-#: (the harness cannot look into its nodes yet) and gvisor (it works with the harness, run it with
-#: ``tier_params("gvisor")``, but its kill-during-creates case timed out waiting for the four
-#: creates to answer on a loaded 2-core machine).
-FAULT_TIERS = ("process", "docker")
+#: The tiers the fault suite runs on by default (see FaultManager.runtime_nodes). Not yet: gvisor
+#: (it works with the harness, run it with ``tier_params("gvisor")``, but its kill-during-creates
+#: case timed out waiting for the four creates to answer on a loaded 2-core machine).
+FAULT_TIERS = ("sandbox", "process", "docker")
+#: where the sandbox tier's node cgroups are (one per node id; the kernel lists their processes)
+SANDBOX_CGROUPS = Path("/sys/fs/cgroup/pids/toolserver")
 
 
 def tier_params(*names: str) -> list[Any]:
@@ -74,8 +75,10 @@ class FaultManager(ManagerProcess):
         self.tier = tier.name
         #: a Docker tier (docker, gvisor): nodes are containers with workspace volumes
         self.docker = "docker" in tier.marks
-        if tier.name not in ("process", "docker", "gvisor"):
+        if tier.name not in ("sandbox", "process", "docker", "gvisor"):
             raise NotImplementedError(f"the fault harness cannot look into tier {tier.name!r} yet")
+        #: every node id of this manager seen so far (sandbox: whose cgroups are looked into)
+        self.seen: set[str] = set()
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -103,9 +106,20 @@ class FaultManager(ManagerProcess):
         return {d.name: servers.get(d.name, "exited") for d in self.node_dirs()} | servers
 
     def processes(self) -> list[psutil.Process]:
-        """Processes of this manager's nodes: node servers and their tools (the manager excluded)."""
+        """Processes of this manager's nodes: node servers and their tools (the manager excluded).
+
+        Sandboxed ones show nothing of the data directory (their own root, cwd and command line):
+        they are those the kernel lists in the cgroups of every node id seen so far."""
         own = {self.proc.pid} if self.proc is not None and self.proc.poll() is None else set()
-        return [p for p in processes_under(self.root) if p.pid not in own]
+        found = {p.pid: p for p in processes_under(self.root) if p.pid not in own}
+        if self.tier == "sandbox":
+            self.seen |= {d.name for d in self.node_dirs()}
+            for node_id in self.seen:
+                with contextlib.suppress(OSError, ValueError):
+                    for pid in map(int, (SANDBOX_CGROUPS / node_id / "cgroup.procs").read_text().split()):
+                        with contextlib.suppress(psutil.Error):
+                            found.setdefault(pid, psutil.Process(pid))
+        return list(found.values())
 
     def volumes(self) -> list[str]:
         return docker_volumes(self.label()) if self.docker else []
@@ -113,9 +127,18 @@ class FaultManager(ManagerProcess):
     def remove_everything(self) -> None:
         """Teardown: whatever the test left, gone (processes, containers, volumes)."""
         self.stop()
-        for proc in processes_under(self.root):
+        for proc in self.processes():
             with contextlib.suppress(psutil.Error):
                 proc.kill()
+        if self.tier == "sandbox":  # workspaces mounted and cgroups made as root
+            with open("/proc/self/mounts") as mounts:
+                points = [line.split()[1] for line in mounts if line.split()[1].startswith(f"{self.root}/")]
+            for point in sorted(points, reverse=True):
+                subprocess.run(["umount", "-l", point], capture_output=True, timeout=60)
+            for node_id in self.seen:
+                for controller in SANDBOX_CGROUPS.parent.parent.iterdir():
+                    with contextlib.suppress(OSError):
+                        (controller / "toolserver" / node_id).rmdir()
         if self.docker:
             for row in docker_containers(self.label()):
                 subprocess.run(["docker", "rm", "-f", row["id"]], capture_output=True, timeout=60)
@@ -128,6 +151,7 @@ def leaks(manager: FaultManager) -> list[str]:
     """Everything of ``manager`` that no session owns (empty when the records are true)."""
     found = []
     records = manager.records()
+    manager.seen |= {r["short_id"] for r in records}
     sessions = {r["short_id"]: r for r in records if _owner(r) == "session"}
     found += [f"record {r['short_id']} is {_owner(r)}" for r in records if r["short_id"] not in sessions]
     nodes = manager.runtime_nodes()

@@ -27,7 +27,7 @@ from toolserver.client import ToolServerClient
 from toolserver.manager.models import utcnow
 from toolserver.testing.tiers import PROCESS, Tier
 
-CREATES = {"process": 6, "docker": 4, "gvisor": 4}
+CREATES = {"sandbox": 6, "process": 6, "docker": 4, "gvisor": 4}
 #: creation_wait_seconds of these managers: the bound the issue sets on removing unfinished creates
 CREATION_WAIT = 30
 #: what is asserted instead: the restarted manager's first ticks remove them (and what the runtime

@@ -65,7 +65,7 @@ def test_killed_node_answers_503_at_once_and_takes_its_jobs_along(tmp_path: Path
         short_id = manager.node(cookie)["short_id"]
         job = {"tool_name": SHELL, "arguments": {"command": "sleep 300", "run_async": True}}
         assert http.post("/execute_tool", json=job, headers=cookies).status_code == 200
-        if tier.name == "process":  # the job holds nothing of the node server: no socket, no file
+        if not manager.docker:  # the job holds nothing of the node server: no socket, no file
             server, sleeper = _node_server(manager, short_id), _job(manager, short_id)
             shared = set(fds_of(server.pid).values()) & set(fds_of(sleeper.pid).values())
             assert not shared, f"the shell job holds descriptors of the node server: {shared}"
@@ -99,7 +99,7 @@ def test_killed_node_answers_503_at_once_and_takes_its_jobs_along(tmp_path: Path
             f"\n[recovery] {tier.name} node killed: the request under way got 503 after "
             f"{in_flight[1] - killed:.3f} s, new requests after {max(answers):.3f} s at most"
         )
-        if tier.name == "process":
+        if not manager.docker:
             wait_until(
                 lambda: not _jobs_alive(manager, short_id), timeout=3 * TICK, what="the shell job gone"
             )

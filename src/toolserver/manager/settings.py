@@ -65,6 +65,13 @@ class NodeSettings(_Strict):
     idling_close_minutes: float = Field(30, gt=0, description="stop a node idle this long")
     health_check: bool = True
     health_check_interval: float = Field(1.0, gt=0, description="seconds between checker ticks")
+    health_probe_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="seconds between the checker's /health requests to a healthy node of the process "
+        "and sandbox tiers (0: every tick); whether it still runs is seen every tick, and a node not "
+        "healthy yet is asked every tick",
+    )
     # ToolServer's own
     idling_release_minutes: float = Field(24 * 60, gt=0, description="release a node stopped this long")
     max_nodes: int = Field(64, ge=1)
@@ -291,6 +298,7 @@ class Settings(EnvOverYamlSettings):
             node_config=self.node.config,
             resources=self.node.resources,
             stop_grace_seconds=self.node.stop_grace_seconds,
+            health_probe_seconds=self.node.health_probe_seconds,
         )
 
 

@@ -90,7 +90,9 @@ class RuntimeContext:
 
     ``data_dir`` is where a runtime may keep per-node files; ``node_env`` and ``node_config``
     reach every node (the environment and the node YAML file); ``resources`` are the default
-    limits of a node; ``stop_grace_seconds`` is the SIGTERM → SIGKILL grace the manager uses.
+    limits of a node; ``stop_grace_seconds`` is the SIGTERM → SIGKILL grace the manager uses;
+    ``health_probe_seconds`` how often ``list`` may ask a healthy node for ``/health`` (runtimes
+    that ask the node themselves; 0: every call).
     """
 
     data_dir: Path
@@ -99,6 +101,7 @@ class RuntimeContext:
     node_config: Path | None = None
     resources: ResourceLimits = field(default_factory=ResourceLimits)
     stop_grace_seconds: float = 5.0
+    health_probe_seconds: float = 10.0
 
 
 @dataclass(frozen=True)

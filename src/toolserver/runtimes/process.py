@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -153,6 +154,8 @@ class ProcessRuntime(Runtime):
         self.host = "127.0.0.1"
         self._children: dict[str, asyncio.subprocess.Process] = {}
         self._healthy_once: set[str] = set()
+        #: node id -> when (monotonic) list() next asks the healthy node for /health
+        self._next_probe: dict[str, float] = {}
         #: (node id, pid) of dead nodes whose leftover processes were killed already
         self._reaped: set[tuple[str, int]] = set()
         self._http = httpx.AsyncClient(timeout=HEALTH_TIMEOUT, trust_env=False)
@@ -311,6 +314,7 @@ class ProcessRuntime(Runtime):
             raise RuntimeBackendError(f"cannot delete node directory {node_dir}: {reason}") from exc
         self._children.pop(node_id, None)
         self._healthy_once.discard(node_id)
+        self._next_probe.pop(node_id, None)
         await asyncio.to_thread(self.freezer.discard, node_id)
 
     async def inspect(self, state: dict[str, Any]) -> NodeInfo:
@@ -339,7 +343,7 @@ class ProcessRuntime(Runtime):
 
         marks = await asyncio.to_thread(scan)
         infos = [self._observe(m) for m in marks]
-        await asyncio.gather(*(self._probe(i) for i in infos if i.running))
+        await self._probe_paced([i for i in infos if i.running])
         await self._reap([m for m, i in zip(marks, infos, strict=True) if i.status == EXITED])
         return infos
 
@@ -422,6 +426,25 @@ class ProcessRuntime(Runtime):
             code = child.returncode
             detail = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         return self._info(mark, EXITED, UNHEALTHY, detail)
+
+    async def _probe_paced(self, running: list[NodeInfo]) -> None:
+        """Health of running nodes for list(): a node healthy at its last probe is taken as healthy
+        until its next probe is due (``health_probe_seconds`` on, spread by a random quarter so a
+        thousand nodes started together are not asked in the same tick); any other is asked now."""
+        now = time.monotonic()
+        every = self.context.health_probe_seconds
+        due = []
+        for info in running:
+            if every and info.node_id in self._healthy_once and self._next_probe.get(info.node_id, 0) > now:
+                info.health = HEALTHY
+            else:
+                due.append(info)
+        await asyncio.gather(*(self._probe(i) for i in due))
+        for info in due:
+            if info.health == HEALTHY:
+                self._next_probe[info.node_id] = now + every * random.uniform(0.75, 1.25)
+            else:
+                self._next_probe.pop(info.node_id, None)
 
     async def _probe(self, info: NodeInfo) -> None:
         try:
