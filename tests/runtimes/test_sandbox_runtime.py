@@ -22,8 +22,9 @@ import pytest_asyncio
 from tests.support import ManagerProcess
 from toolserver.errors import ConfigError, NodeNotFound
 from toolserver.runtimes.base import PAUSED, RUNNING
+from toolserver.runtimes.health import unix_health
 from toolserver.runtimes.process import MARK_FILE
-from toolserver.runtimes.sandbox import SandboxRuntime, unix_health
+from toolserver.runtimes.sandbox import SandboxRuntime
 from toolserver.testing.conformance import SHELL, ConformanceHarness
 from toolserver.testing.tiers import PROCESS, SANDBOX, Tier
 

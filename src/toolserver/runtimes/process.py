@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import httpx
 import psutil
 
 from toolserver.errors import NodeNotFound, RuntimeBackendError
@@ -55,12 +54,12 @@ from toolserver.runtimes.base import (
     RuntimeContext,
 )
 from toolserver.runtimes.freezer import Freezer
+from toolserver.runtimes.health import node_healthy
 
 log = logging.getLogger(__name__)
 
 MARK_ENV = "TOOLSERVER_MARK_NODE"
 MARK_FILE = "node.json"
-HEALTH_TIMEOUT = 1.0
 #: Longest wait for a just-ended child's exit status (see ``inspect``).
 EXIT_STATUS_WAIT = 1.0
 #: Age after which a node directory without a mark counts as the debris of an interrupted create.
@@ -158,7 +157,6 @@ class ProcessRuntime(Runtime):
         self._next_probe: dict[str, float] = {}
         #: (node id, pid) of dead nodes whose leftover processes were killed already
         self._reaped: set[tuple[str, int]] = set()
-        self._http = httpx.AsyncClient(timeout=HEALTH_TIMEOUT, trust_env=False)
         self.freezer = Freezer(_marked_processes)
 
     async def preflight(self) -> None:
@@ -335,14 +333,15 @@ class ProcessRuntime(Runtime):
         return info
 
     async def list(self, manager_id: str) -> list[NodeInfo]:
-        def scan() -> list[dict[str, Any]]:
+        def scan() -> tuple[list[dict[str, Any]], list[NodeInfo]]:
+            """The marks and what each node's processes say (file reads: /proc, the cgroups)."""
             if not self.root.is_dir():
-                return []
+                return [], []
             marks = (self._read_mark(d) for d in self.root.iterdir() if d.is_dir())
-            return [m for m in marks if m and m.get("manager_id") == manager_id]
+            mine = [m for m in marks if m and m.get("manager_id") == manager_id]
+            return mine, [self._observe(m) for m in mine]
 
-        marks = await asyncio.to_thread(scan)
-        infos = [self._observe(m) for m in marks]
+        marks, infos = await asyncio.to_thread(scan)
         await self._probe_paced([i for i in infos if i.running])
         await self._reap([m for m, i in zip(marks, infos, strict=True) if i.status == EXITED])
         return infos
@@ -384,9 +383,6 @@ class ProcessRuntime(Runtime):
             log.info("node %s is gone: killing the %d processes it left running", node_id, len(procs))
             _kill_all(procs, signal.SIGKILL)
         self._reaped |= new
-
-    async def aclose(self) -> None:
-        await self._http.aclose()
 
     # ---- helpers ------------------------------------------------------------------------------------
 
@@ -447,12 +443,7 @@ class ProcessRuntime(Runtime):
                 self._next_probe.pop(info.node_id, None)
 
     async def _probe(self, info: NodeInfo) -> None:
-        try:
-            resp = await self._http.get(f"http://{info.host}:{info.port}/health")
-            ok = resp.status_code == 200
-        except httpx.HTTPError:
-            ok = False
-        if ok:
+        if await node_healthy(info.host, info.port):
             self._healthy_once.add(info.node_id)
             info.health = HEALTHY
         else:

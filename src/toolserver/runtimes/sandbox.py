@@ -46,7 +46,6 @@ from toolserver.runtimes.base import (
     PAUSED,
     RUNNING,
     STARTING,
-    UNHEALTHY,
     UNIX_PREFIX,
     NodeInfo,
     NodeSpec,
@@ -73,7 +72,6 @@ _SUN_PATH_MAX = 107
 UID_CLAIMS = Path("/run/toolserver/sandbox-uids")
 #: where sockets go whose path under a long data_dir would be too long
 SHORT_SOCKET_DIR = Path("/run/toolserver/sockets")
-HEALTH_TIMEOUT = 1.0
 #: the sandbox's own processes around a node
 _WRAPPERS = frozenset({"bwrap", "pasta", "pasta.avx2", "sh", "prlimit", "setpriv"})
 #: the node setting ``offline``: what its web tools answer with ``network: none``
@@ -93,22 +91,6 @@ def socket_path(node_dir: Path) -> Path:
         return path
     digest = hashlib.blake2s(str(node_dir).encode(), digest_size=12).hexdigest()
     return SHORT_SOCKET_DIR / f"{digest}.sock"
-
-
-async def unix_health(path: str) -> bool:
-    """True when the node on Unix socket ``path`` answers ``GET /health`` with 200 in time."""
-    writer = None
-    try:
-        async with asyncio.timeout(HEALTH_TIMEOUT):
-            reader, writer = await asyncio.open_unix_connection(path)
-            writer.write(b"GET /health HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
-            line = await reader.readline()
-            return line.split(b" ", 2)[1:2] == [b"200"]
-    except (OSError, TimeoutError, IndexError):
-        return False
-    finally:
-        if writer is not None:
-            writer.close()
 
 
 def missing_requirements(config: SandboxConfig) -> str | None:
@@ -442,14 +424,6 @@ class SandboxRuntime(ProcessRuntime):
 
     def _health_of(self, mark: dict[str, Any]) -> str:
         return HEALTHY if mark["node_id"] in self._healthy_once else STARTING
-
-    async def _probe(self, info: NodeInfo) -> None:
-        ok = await unix_health(info.host.removeprefix(UNIX_PREFIX))
-        if ok:
-            self._healthy_once.add(info.node_id)
-            info.health = HEALTHY
-        else:
-            info.health = UNHEALTHY if info.node_id in self._healthy_once else STARTING
 
     async def _terminate(self, mark: dict[str, Any], grace: float) -> None:
         """SIGTERM the node's processes (not the sandbox's own), SIGKILL all of its cgroup after
