@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,6 +95,58 @@ def test_postgres_restart_under_live_sessions(tmp_path: Path) -> None:
                 assert http.post("/release_session", headers=session_headers(node_id)).status_code == 200
             wait_until(lambda: manager.processes() == [], timeout=10, what="every node gone")
             assert manager.node_dirs() == []
+            assert "Traceback" not in manager.log()
+    finally:
+        server.remove()
+
+
+def test_postgres_outage_with_api_keys_keeps_known_keys_and_sessions(tmp_path: Path) -> None:
+    """With keys, a known session keeps working through an outage as without them: the key's
+    check is trusted for the outage grace as its route is (it used to fail once the key's 1 s cache
+    ran out); a key never seen before gets the outage's 503, not a 401."""
+    grace = 4.0
+    server = PostgresServer()
+    server.start()
+    try:
+        with fault_managers(tmp_path) as make:
+            manager = make(
+                PROCESS,
+                database_url=server.url,
+                database_outage_grace_seconds=grace,
+                auth="api_keys",
+                key_cache_seconds=1,
+            )
+
+            def key(name: str) -> str:
+                argv = [sys.executable, "-m", "toolserver", "keys", "--config", str(manager.config_path)]
+                done = subprocess.run(
+                    [*argv, "create", name, "--scope", "user"], capture_output=True, text=True, timeout=60
+                )
+                assert done.returncode == 0, done.stderr
+                return done.stdout.strip()
+
+            known_key, unseen_key = key("known"), key("unseen")
+            http = httpx.Client(
+                base_url=manager.url, trust_env=False, timeout=30, headers={"X-API-Key": known_key}
+            )
+            session = _new_session(http)
+            time.sleep(max(ROUTE_TTL, 1) + 0.2)  # the key's and the route's caches have run out
+            assert _call(http, session).json() == 42  # checked again, read again
+
+            server.stop()
+            down = time.monotonic()
+            time.sleep(1.2)  # past key_cache_seconds
+            assert _call(http, session).json() == 42
+            unseen = {"X-API-Key": unseen_key, **session_headers(session)}
+            r = http.post("/execute_tool", json=CALC, headers=unseen)
+            _unavailable(r, "database unavailable")
+            wait_until(lambda: time.monotonic() - down > grace, timeout=grace + 1)
+            _unavailable(_call(http, session), "database unavailable")  # bounded, as for routes
+
+            server.start()
+            wait_until(lambda: _call(http, session).status_code == 200, timeout=20, what="serving again")
+            assert http.post("/release_session", headers=session_headers(session)).status_code == 200
+            wait_until(lambda: manager.processes() == [], timeout=10, what="every node gone")
             assert "Traceback" not in manager.log()
     finally:
         server.remove()

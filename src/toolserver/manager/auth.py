@@ -8,6 +8,9 @@ salted hashes that passwords need (bcrypt, argon2) would only add cost to every 
 :class:`KeyRing` checks a key once and keeps the result for ``key_cache_seconds``: a request
 with a known key costs a dictionary lookup, no hashing and no database read. So a revoked or
 expired key keeps working for at most that long, in every manager process sharing the database.
+While the database cannot be read, a key accepted before the outage keeps working for
+``database_outage_grace_seconds`` after it was last checked, as the routes of known sessions do
+(never past the key's own expiry); any other key gets the outage's 503.
 
 The caller is authenticated once per request, in the ASGI layer in front of the routes and the
 proxy (:meth:`toolserver.manager.app.ManagerApp.__call__`), and stored in the ASGI scope under
@@ -33,7 +36,7 @@ from typing import Any, Literal
 
 from starlette.requests import Request
 
-from toolserver.errors import NotAuthenticated, NotYourSession
+from toolserver.errors import DatabaseUnavailable, NotAuthenticated, NotYourSession
 from toolserver.manager.lookups import shared_lookup
 from toolserver.manager.models import ApiKey, utcnow
 from toolserver.manager.settings import Settings
@@ -142,7 +145,9 @@ def credentials(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
 class _Entry:
     caller: Caller | None  # None: refused, ``reason`` says why
     reason: str
-    until: float
+    until: float  # trusted until then (clock time)
+    checked: float = 0.0  # when the database said so
+    ends: float = float("inf")  # when the key itself expires (clock time)
 
 
 class KeyRing:
@@ -165,8 +170,14 @@ class KeyRing:
                 "or HTTP Basic credentials (http://key:<key>@host)"
             )
         entry = self._cache.get(token)
-        if entry is None or entry.until < self.clock():
-            entry = await shared_lookup(self._lookups, token, lambda: self._load(token))
+        now = self.clock()
+        if entry is None or entry.until < now:
+            try:
+                entry = await shared_lookup(self._lookups, token, lambda: self._load(token))
+            except DatabaseUnavailable:
+                grace = self.settings.database_outage_grace_seconds
+                if entry is None or entry.caller is None or now - entry.checked > grace or now >= entry.ends:
+                    raise
         if entry.caller is None:
             raise NotAuthenticated(entry.reason)
         return entry.caller
@@ -181,16 +192,20 @@ class KeyRing:
         elif (state := key_state(key)) != "active":
             entry = _Entry(None, f"API key {key.id} ({key.name}) is {state}", until)
         else:
+            ends = float("inf")
             if key.expires_at is not None:  # trusted no longer than the key is valid
-                until = min(until, now + (key.expires_at - utcnow()).total_seconds())
+                ends = now + (key.expires_at - utcnow()).total_seconds()
+                until = min(until, ends)
             self._names[key.id] = key.name
-            entry = _Entry(Caller(key.id, key.name, key.scope, self.quota_of(key)), "", until)  # type: ignore[arg-type]
+            caller = Caller(key.id, key.name, key.scope, self.quota_of(key))  # type: ignore[arg-type]
+            entry = _Entry(caller, "", until, now, ends)
         self._remember(token, entry, now)
         return entry
 
     def _remember(self, token: str, entry: _Entry, now: float) -> None:
         if len(self._cache) >= CACHE_MAX:
-            self._cache = {t: e for t, e in self._cache.items() if e.until >= now}
+            grace = self.settings.database_outage_grace_seconds
+            self._cache = {t: e for t, e in self._cache.items() if e.until >= now or now - e.checked <= grace}
             if len(self._cache) >= CACHE_MAX:
                 self._cache.clear()
         self._cache[token] = entry
