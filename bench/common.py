@@ -91,6 +91,15 @@ def fmt(value: float) -> str:
     return f"{value:.3g}"
 
 
+def node_address(record: Any) -> tuple[str, str | None]:
+    """How to reach a session's node without the manager, from its record: a base URL, and the
+    Unix socket to dial (a sandboxed node's; None: TCP)."""
+    ip = str(record["ip"])
+    if ip.startswith("unix:"):
+        return "http://node", ip.removeprefix("unix:")
+    return f"http://{ip}:{record['port']}", None
+
+
 def percentile(values: Sequence[float], pct: float) -> float:
     """Linear-interpolated percentile (``pct`` in 0..100); NaN for no values."""
     if not values:

@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import Context, Figure, Outcome, at_most, percentile
+from bench.common import Context, Figure, Outcome, at_most, node_address, percentile
 from bench.procs import Manager
 
 NAME = "first_byte"
@@ -45,19 +45,19 @@ def run(ctx: Context) -> Outcome:
     with Manager(ctx.workdir / "first-byte") as manager, httpx.Client(trust_env=False, timeout=60) as http:
         cookie = http.post(manager.url + "/get_cookie").cookies["node_id"]
         record = manager.node(cookie)
-        targets: dict[str, tuple[str, dict[str, str]]] = {
-            "direct": (
-                f"http://127.0.0.1:{record['port']}/commands",
-                {"X-ToolServer-Node-Secret": record["secret"]},
-            ),
-            "manager": (manager.url + "/commands", {"Cookie": f"node_id={cookie}"}),
-        }
-        samples: dict[str, list[float]] = {name: [] for name in targets}
-        for url, headers in targets.values():  # warm up connections and the node's shell
-            one_round(http, url, headers)
-        for _ in range(rounds):
-            for name, (url, headers) in targets.items():
-                samples[name].append(one_round(http, url, headers))
+        base_url, unix_socket = node_address(record)  # a sandboxed node: its Unix socket
+        transport = httpx.HTTPTransport(uds=unix_socket) if unix_socket else None
+        with httpx.Client(trust_env=False, timeout=60, transport=transport) as to_node:
+            targets: dict[str, tuple[httpx.Client, str, dict[str, str]]] = {
+                "direct": (to_node, base_url + "/commands", {"X-ToolServer-Node-Secret": record["secret"]}),
+                "manager": (http, manager.url + "/commands", {"Cookie": f"node_id={cookie}"}),
+            }
+            samples: dict[str, list[float]] = {name: [] for name in targets}
+            for client, url, headers in targets.values():  # warm up connections and the node's shell
+                one_round(client, url, headers)
+            for _ in range(rounds):
+                for name, (client, url, headers) in targets.items():
+                    samples[name].append(one_round(client, url, headers))
     stats: dict[str, Any] = {
         name: {"p50": percentile(v, 50), "p99": percentile(v, 99), "max": max(v), "n": len(v)}
         for name, v in samples.items()

@@ -26,7 +26,7 @@ from bench import dockerenv
 from bench.common import MIB, Context, Figure, Outcome, summary
 from bench.procs import Manager
 from toolserver.protocol import WOKEN_HEADER
-from toolserver.testing.tiers import DOCKER, PROCESS, Tier
+from toolserver.testing.tiers import DOCKER, PROCESS, SANDBOX, Tier
 
 NAME = "lifecycle"
 TITLE = "Pause, resume, wake on request, fork"
@@ -141,6 +141,8 @@ def _docker_pauses(state: dict[str, Any], samples: int) -> dict[str, Any]:
 
 def _workspace_dir(tier: Tier, state: dict[str, Any]) -> Path:
     """The session's workspace on the host: its directory, or its Docker volume's."""
+    if tier.name == "sandbox":  # on its mounted workspace image
+        return Path(str(state.get("dir", ""))) / "disk" / "workspace"
     if tier.name != "docker":
         return Path(str(state.get("dir", ""))) / "workspace"
     found = subprocess.run(
@@ -157,6 +159,10 @@ def run(ctx: Context) -> Outcome:
     samples = ctx.pick(10, 3)
     fork_mib = 100
     tiers = [PROCESS]
+    if SANDBOX.unavailable():
+        outcome.notes.append(f"sandbox tier skipped: {SANDBOX.unavailable()}")
+    else:
+        tiers.insert(0, SANDBOX)
     reason = dockerenv.unavailable_reason()
     if reason:
         outcome.notes.append(f"docker tier skipped: {reason}")

@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 
 from bench import profiling
-from bench.common import GIB, MIB, Context, Figure, Outcome, at_least, at_most
+from bench.common import GIB, MIB, Context, Figure, Outcome, at_least, at_most, node_address
 from bench.procs import Manager
 from bench.rss import PeakRss
 
@@ -46,12 +46,19 @@ def write_file(path: Path, size: int) -> None:
         out.write(block[: size % MIB])
 
 
+def _direct(record: Any) -> tuple[str, dict[str, str], str | None]:
+    base_url, unix_socket = node_address(record)
+    return base_url, {"X-ToolServer-Node-Secret": record["secret"]}, unix_socket
+
+
 class Target:
     """Where uploads and downloads go (the node directly or the manager), driven by curl."""
 
-    def __init__(self, base_url: str, headers: dict[str, str]) -> None:
+    def __init__(self, base_url: str, headers: dict[str, str], unix_socket: str | None = None) -> None:
         self.base_url = base_url
         self.headers = [arg for name, value in headers.items() for arg in ("-H", f"{name}: {value}")]
+        if unix_socket is not None:
+            self.headers += ["--unix-socket", unix_socket]
 
     def _curl(self, path: str, args: list[str]) -> dict[str, Any]:
         fmt = (
@@ -118,7 +125,7 @@ def run(ctx: Context) -> Outcome:
         with httpx.Client(base_url=manager.url, trust_env=False, timeout=120) as http:
             cookie = http.post("/get_cookie").cookies["node_id"]
         record = manager.node(cookie)
-        direct = Target(f"http://127.0.0.1:{record['port']}", {"X-ToolServer-Node-Secret": record["secret"]})
+        direct = Target(*_direct(record))
         via = Target(manager.url, {"Cookie": f"node_id={cookie}"})
         try:
             _transfer(via, warm, "warm.bin", 16 * MIB, None, ctx)
