@@ -102,6 +102,29 @@ async def test_fork_copies_the_workspace_and_keeps_the_source(sandbox: Conforman
 
 
 @pytest.mark.asyncio
+async def test_preflight_says_which_limits_nodes_go_without(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without writable cgroup v1 controllers (a cgroup v2 host, say) the sandbox still starts,
+    and its start-up log says what its nodes lack."""
+    if SANDBOX.unavailable():
+        pytest.skip(f"tier sandbox: {SANDBOX.unavailable()}")
+    empty = tmp_path / "no-cgroups"
+    empty.mkdir()
+    config = {**SANDBOX.runtime_config, "cgroup_root": str(empty)}
+    runtime = Tier("sandbox", runtime_config=config).make_runtime(tmp_path / "data", "m")
+    with caplog.at_level("WARNING", logger="toolserver.runtimes.sandbox"):
+        await runtime.preflight()
+    (line,) = [r.getMessage() for r in caplog.records if "cgroup" in r.getMessage()]
+    assert "memory, pids, cpu, freezer" in line and "a memory limit" in line and "pause" in line
+
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="toolserver.runtimes.sandbox"):
+        await SANDBOX.make_runtime(tmp_path / "data2", "m").preflight()
+    assert not [r for r in caplog.records if "cgroup" in r.getMessage()], "warned on a machine with cgroups"
+
+
+@pytest.mark.asyncio
 async def test_preflight_refuses_without_bubblewrap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap, setpriv, ... on this PATH
     runtime = SANDBOX.make_runtime(tmp_path / "data", "m")

@@ -61,7 +61,7 @@ from toolserver.runtimes.sandbox_jail import (
     outer_args,
     write_etc,
 )
-from toolserver.runtimes.sandbox_limits import NodeCgroup, make_disk, mount_disk, unmount_disk
+from toolserver.runtimes.sandbox_limits import CONTROLLERS, NodeCgroup, make_disk, mount_disk, unmount_disk
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,13 @@ _SUN_PATH_MAX = 107
 UID_CLAIMS = Path("/run/toolserver/sandbox-uids")
 #: where sockets go whose path under a long data_dir would be too long
 SHORT_SOCKET_DIR = Path("/run/toolserver/sockets")
+#: what nodes go without when a cgroup controller is missing
+_WITHOUT_CONTROLLER = {
+    "memory": "a memory limit (and OOMKilled in the record)",
+    "pids": "a process limit per node (the rlimit counts per uid)",
+    "cpu": "a CPU quota",
+    "freezer": "pause (pause_session and idle_action: pause fail)",
+}
 #: the sandbox's own processes around a node
 _WRAPPERS = frozenset({"bwrap", "pasta", "pasta.avx2", "sh", "prlimit", "setpriv"})
 #: the node setting ``offline``: what its web tools answer with ``network: none``
@@ -139,6 +146,15 @@ class SandboxRuntime(ProcessRuntime):
                 f"isolation 'sandbox' cannot run here: {missing}. Install it (scripts/ensure-sandbox.sh), "
                 "or choose isolation: docker (needs a Docker Engine) or, for development only, "
                 "isolation: process (nodes not isolated)"
+            )
+        absent = [c for c in CONTROLLERS if c not in NodeCgroup(self.cgroup_root, "-").available()]
+        if absent:
+            log.warning(
+                "sandbox: no writable cgroup v1 controller %s under %s (cgroup v2 is not supported "
+                "yet), so nodes run without: %s; the process-count rlimit still holds",
+                ", ".join(absent),
+                self.cgroup_root,
+                "; ".join(_WITHOUT_CONTROLLER[c] for c in absent),
             )
 
     # ---- files --------------------------------------------------------------------------------------
