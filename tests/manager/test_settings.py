@@ -16,6 +16,7 @@ from toolserver.manager.settings import load_settings
 from toolserver.runtimes.base import NodeSpec
 from toolserver.runtimes.docker_config import DockerConfig, NodeTemplate
 from toolserver.runtimes.sandbox_config import SandboxConfig
+from toolserver.testing import scratch_config
 
 XAGENT_MANAGER_YML = """
 version: "0.3"
@@ -201,3 +202,17 @@ def test_manager_with_xagent_docker_keys_serves_on_the_process_runtime(
     with ToolServerClient(manager.url) as client, client.session() as session:
         assert "42" in str(session.execute_tool("calculator", {"expression": "6*7"}))
     assert "node.creation_kwargs, node.port: not settings of the process runtime, ignored" in manager.log()
+
+
+def test_nodes_that_could_need_more_memory_than_the_host_are_named(tmp_path: Path) -> None:
+    """64 nodes of 1 GiB on a 24 GiB host: the manager says so at start (it used to go on until
+    the host ran out of memory)."""
+    from toolserver.manager.server import memory_overcommit
+
+    settings = load_settings(None, **scratch_config(tmp_path))
+    said = memory_overcommit(settings, host_bytes=24 << 30)
+    assert said is not None and "node.max_nodes (64) x node.resources.memory (1g) is 64.0 GiB" in said
+    assert "24.0 GiB" in said
+    assert memory_overcommit(settings, host_bytes=64 << 30) is None  # exactly fits
+    unlimited = load_settings(None, **scratch_config(tmp_path), node={"resources": {"memory": None}})
+    assert memory_overcommit(unlimited, host_bytes=1 << 30) is None

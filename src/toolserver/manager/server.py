@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 
+import psutil
 import uvicorn
 
 from toolserver.logs import configure_logging
@@ -12,6 +14,12 @@ from toolserver.manager.app import create_app
 from toolserver.manager.limits import LimitedHttpToolsProtocol
 from toolserver.manager.settings import Settings
 from toolserver.runtimes import create_runtime
+from toolserver.runtimes.sandbox_config import parse_size
+
+log = logging.getLogger(__name__)
+
+#: tiers that hold their nodes to node.resources.memory on the manager's own host
+MEMORY_LIMITED_HERE = frozenset({"sandbox", "docker", "gvisor"})
 
 
 def uvicorn_config(settings: Settings, log_level: str = "info") -> uvicorn.Config:
@@ -31,9 +39,28 @@ def uvicorn_config(settings: Settings, log_level: str = "info") -> uvicorn.Confi
     )
 
 
+def memory_overcommit(settings: Settings, host_bytes: int) -> str | None:
+    """What is wrong when ``node.max_nodes`` nodes at their memory limit need more than
+    ``host_bytes`` (None: they fit, or nodes have no memory limit)."""
+    memory = settings.node.resources.memory
+    if memory is None:
+        return None
+    need = settings.node.max_nodes * parse_size(memory)
+    if need <= host_bytes:
+        return None
+    return (
+        f"node.max_nodes ({settings.node.max_nodes}) x node.resources.memory ({memory}) is "
+        f"{need / 2**30:.1f} GiB, more than this host's {host_bytes / 2**30:.1f} GiB: busy nodes can "
+        "exhaust its memory before max_nodes stops new ones (lower either, or use API-key quotas)"
+    )
+
+
 async def preflight(settings: Settings) -> None:
     """The chosen runtime's :meth:`~toolserver.runtimes.base.Runtime.preflight` (ConfigError when it
-    cannot run on this machine)."""
+    cannot run on this machine); a warning when its nodes could need more memory than the host has."""
+    overcommit = memory_overcommit(settings, psutil.virtual_memory().total)
+    if overcommit and settings.isolation in MEMORY_LIMITED_HERE:
+        log.warning("%s", overcommit)
     runtime = create_runtime(settings.runtime_config, settings.runtime_context())
     try:
         await runtime.preflight()
