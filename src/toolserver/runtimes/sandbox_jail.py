@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import sys
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -183,9 +185,12 @@ def write_etc(etc: Path) -> None:
     for name, text in (("passwd", passwd), ("group", group)):
         path = etc / name
         if not path.exists() or path.read_text() != text:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+            # a name of its own: creates of other threads and worker processes write it too
+            fd, tmp = tempfile.mkstemp(dir=etc, prefix=f".{name}.")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
 
 
 class UidClaims:
@@ -201,6 +206,13 @@ class UidClaims:
     def claim(self, node_dir: Path) -> int:
         """A free uid, now held by ``node_dir``; OSError when the range is used up."""
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # one claimer at a time, machine-wide: two taking over the same stale claim would each
+        # unlink what the other had just made and both hold its uid
+        with open(self.dir / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._claim(node_dir)
+
+    def _claim(self, node_dir: Path) -> int:
         for uid in range(self.base, self.base + self.count):
             path = self.dir / str(uid)
             try:

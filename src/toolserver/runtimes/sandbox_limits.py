@@ -75,7 +75,7 @@ class NodeCgroup:
                 found.update(int(line) for line in text.split())
         return sorted(found)
 
-    def wait_joined(self, pid: int, timeout: float = 5.0) -> bool:
+    def wait_joined(self, pid: int, timeout: float = 30.0) -> bool:
         """Wait until process ``pid`` is in every group it was given (the join script's first
         act); False when it is gone first or the time is up."""
         groups = [self.path(c) / "cgroup.procs" for c in self.available()]
