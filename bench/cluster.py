@@ -64,7 +64,8 @@ def _starts(managers: list[Manager], count: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         r = httpx.post(url + "/get_cookie", timeout=120, trust_env=False)
         took = time.perf_counter() - t0
-        r.raise_for_status()
+        if r.status_code != 200:
+            raise RuntimeError(f"/get_cookie answered {r.status_code}: {r.text}")
         cookie = {"Cookie": f"node_id={r.cookies['node_id']}"}
         other = urls[(i + 1) % len(urls)]  # released through another replica
         httpx.post(other + "/release_session", headers=cookie, timeout=60, trust_env=False)

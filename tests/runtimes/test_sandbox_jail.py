@@ -5,10 +5,16 @@ from processes, as a manager's workers make them."""
 from __future__ import annotations
 
 import multiprocessing
+import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from toolserver.runtimes.sandbox_jail import UidClaims, write_etc
+from toolserver.runtimes.sandbox_limits import make_disk, unmount_disk
+from toolserver.testing.tiers import SANDBOX
 
 BASE, COUNT = 300_000, 64
 
@@ -47,3 +53,31 @@ def test_concurrent_creates_write_the_nodes_etc_without_failing(tmp_path: Path) 
             list(pool.map(lambda _: write_etc(etc), range(8)))  # raised FileNotFoundError at times
     assert "node:x:" in (etc / "passwd").read_text()
     assert sorted(p.name for p in etc.iterdir()) == ["group", "passwd"]
+
+
+def _make_disk(root: str, i: int, at: float) -> bool:
+    node = Path(root) / f"node{i}"
+    node.mkdir()
+    time.sleep(max(0.0, at - time.time()))  # all at once
+    make_disk(node / "workspace.img", node / "disk", 16 << 20, Path(root) / "etc")
+    return os.path.ismount(node / "disk")
+
+
+def test_creates_in_several_processes_share_one_workspace_template(tmp_path: Path) -> None:
+    """Worker processes or replicas sharing a data directory make the empty workspace image at
+    the same moment (one of them failed: 'mkfs.ext4 failed: the file … .tmp does not exist')."""
+    if SANDBOX.unavailable():
+        pytest.skip(f"tier sandbox: {SANDBOX.unavailable()}")
+    (tmp_path / "etc").mkdir()
+    context = multiprocessing.get_context("spawn")
+    try:
+        with context.Pool(4) as pool:
+            at = time.time() + 3  # past the workers' start-up
+            mounted = pool.starmap(_make_disk, [(str(tmp_path), i, at) for i in range(4)])
+        assert mounted == [True] * 4
+        assert sorted(p.name for p in (tmp_path / "etc").iterdir() if not p.name.startswith(".")) == [
+            f"workspace-{16 << 20}.img"
+        ]
+    finally:
+        for i in range(4):
+            unmount_disk(tmp_path / f"node{i}" / "disk")

@@ -5,8 +5,10 @@ library costs several times the CPU per probe, which adds up over many idle node
 from __future__ import annotations
 
 import asyncio
+import random
+import time
 
-from toolserver.runtimes.base import UNIX_PREFIX
+from toolserver.runtimes.base import HEALTHY, UNIX_PREFIX, NodeInfo
 
 #: seconds a node has to answer a probe
 HEALTH_TIMEOUT = 1.0
@@ -31,9 +33,44 @@ async def node_healthy(host: str, port: int) -> bool:
             writer.close()
 
 
+class ProbePacer:
+    """Which running nodes a ``list()`` asks for /health: a node healthy at its last probe is taken
+    as healthy until its next probe is due, ``every`` seconds later spread by a random quarter (a
+    thousand nodes started together are not asked in the same tick); any other node is asked at
+    once. ``every`` 0 asks every node every time. Whether a node still runs is the runtime's to
+    see on every list."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._next: dict[str, float] = {}
+
+    def due(self, running: list[NodeInfo], healthy_once: set[str]) -> list[NodeInfo]:
+        """The nodes of ``running`` to ask now; the others are marked healthy."""
+        now = time.monotonic()
+        asked = []
+        for info in running:
+            if self.every and info.node_id in healthy_once and self._next.get(info.node_id, 0) > now:
+                info.health = HEALTHY
+            else:
+                asked.append(info)
+        return asked
+
+    def asked(self, infos: list[NodeInfo]) -> None:
+        """Record the answers of the nodes just asked: a healthy one is next due ``every`` on."""
+        now = time.monotonic()
+        for info in infos:
+            if info.health == HEALTHY:
+                self._next[info.node_id] = now + self.every * random.uniform(0.75, 1.25)
+            else:
+                self._next.pop(info.node_id, None)
+
+    def forget(self, node_id: str) -> None:
+        self._next.pop(node_id, None)
+
+
 async def unix_health(path: str) -> bool:
     """:func:`node_healthy` of the node on Unix socket ``path``."""
     return await node_healthy(UNIX_PREFIX + path, 0)
 
 
-__all__ = ["HEALTH_TIMEOUT", "node_healthy", "unix_health"]
+__all__ = ["HEALTH_TIMEOUT", "ProbePacer", "node_healthy", "unix_health"]

@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import signal
@@ -54,7 +53,7 @@ from toolserver.runtimes.base import (
     RuntimeContext,
 )
 from toolserver.runtimes.freezer import Freezer
-from toolserver.runtimes.health import node_healthy
+from toolserver.runtimes.health import ProbePacer, node_healthy
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +152,7 @@ class ProcessRuntime(Runtime):
         self.host = "127.0.0.1"
         self._children: dict[str, asyncio.subprocess.Process] = {}
         self._healthy_once: set[str] = set()
-        #: node id -> when (monotonic) list() next asks the healthy node for /health
-        self._next_probe: dict[str, float] = {}
+        self._pacer = ProbePacer(context.health_probe_seconds)
         #: (node id, pid) of dead nodes whose leftover processes were killed already
         self._reaped: set[tuple[str, int]] = set()
         self.freezer = Freezer(_marked_processes)
@@ -312,7 +310,7 @@ class ProcessRuntime(Runtime):
             raise RuntimeBackendError(f"cannot delete node directory {node_dir}: {reason}") from exc
         self._children.pop(node_id, None)
         self._healthy_once.discard(node_id)
-        self._next_probe.pop(node_id, None)
+        self._pacer.forget(node_id)
         await asyncio.to_thread(self.freezer.discard, node_id)
 
     async def inspect(self, state: dict[str, Any]) -> NodeInfo:
@@ -424,23 +422,10 @@ class ProcessRuntime(Runtime):
         return self._info(mark, EXITED, UNHEALTHY, detail)
 
     async def _probe_paced(self, running: list[NodeInfo]) -> None:
-        """Health of running nodes for list(): a node healthy at its last probe is taken as healthy
-        until its next probe is due (``health_probe_seconds`` on, spread by a random quarter so a
-        thousand nodes started together are not asked in the same tick); any other is asked now."""
-        now = time.monotonic()
-        every = self.context.health_probe_seconds
-        due = []
-        for info in running:
-            if every and info.node_id in self._healthy_once and self._next_probe.get(info.node_id, 0) > now:
-                info.health = HEALTHY
-            else:
-                due.append(info)
+        """Health of running nodes for list(), asked as often as ``health_probe_seconds`` says."""
+        due = self._pacer.due(running, self._healthy_once)
         await asyncio.gather(*(self._probe(i) for i in due))
-        for info in due:
-            if info.health == HEALTHY:
-                self._next_probe[info.node_id] = now + every * random.uniform(0.75, 1.25)
-            else:
-                self._next_probe.pop(info.node_id, None)
+        self._pacer.asked(due)
 
     async def _probe(self, info: NodeInfo) -> None:
         if await node_healthy(info.host, info.port):

@@ -324,7 +324,7 @@ class SandboxRuntime(ProcessRuntime):
             raise RuntimeBackendError(f"cannot delete node directory {node_dir}: {exc}") from exc
         self._children.pop(node_dir.name, None)
         self._healthy_once.discard(node_dir.name)
-        self._next_probe.pop(node_dir.name, None)
+        self._pacer.forget(node_dir.name)
 
     async def pause(self, state: dict[str, Any]) -> NodeInfo:
         info = await self.inspect(state)

@@ -10,10 +10,10 @@ the freezer for pause), and the workspace image ``<node_dir>/workspace.img`` mou
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,15 +155,14 @@ def _write(path: Path, value: str) -> None:
 # ---- the workspace disk ----------------------------------------------------------------------------
 
 
-_template_lock = threading.Lock()
-
-
 def make_disk(image: Path, mountpoint: Path, size: int, template_dir: Path) -> None:
     """A sparse ext4 image of ``size`` bytes, mounted on ``mountpoint``: a copy of an empty image
     made once per size in ``template_dir`` (copying its few data extents is much cheaper than a
     ``mkfs`` per node)."""
     template = template_dir / f"workspace-{size}.img"
-    with _template_lock:
+    # one maker at a time, among threads and the worker processes or replicas sharing data_dir
+    with open(template_dir / ".workspace.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         if not template.exists():
             fresh = template.with_suffix(".tmp")
             with open(fresh, "wb") as f:

@@ -43,7 +43,6 @@ import logging
 from typing import Any, Literal
 
 import aiodocker
-import httpx
 from aiodocker.exceptions import DockerError
 from pydantic import Field, ValidationInfo, model_validator
 
@@ -62,7 +61,7 @@ from toolserver.runtimes.base import (
     RuntimeConfig,
     RuntimeContext,
 )
-from toolserver.runtimes.docker import CALL_TIMEOUT, PROBE_TIMEOUT, DockerRuntime
+from toolserver.runtimes.docker import CALL_TIMEOUT, DockerRuntime
 from toolserver.runtimes.docker_config import (
     IMAGE_PORT,
     LABEL_ROLE,
@@ -75,6 +74,7 @@ from toolserver.runtimes.docker_config import (
     translate_creation_kwargs,
     volume_name,
 )
+from toolserver.runtimes.health import ProbePacer, node_healthy
 
 __all__ = ["SwarmConfig", "SwarmRuntime"]
 
@@ -183,6 +183,7 @@ class SwarmRuntime(DockerRuntime):
         self.swarm = config
         self._image_ref: str | None = None
         self._healthy_once: set[str] = set()
+        self._pacer = ProbePacer(context.health_probe_seconds)
 
     # ---- the service spec ---------------------------------------------------------------------------
 
@@ -373,26 +374,24 @@ class SwarmRuntime(DockerRuntime):
         info.detail = "; ".join(parts)
         return info
 
-    async def _probe_all(self, infos: list[NodeInfo]) -> None:
-        """Health of running nodes: GET /health on the reported address (the HEALTHCHECK is off)."""
+    async def _probe_all(self, infos: list[NodeInfo], paced: bool = False) -> None:
+        """Health of running nodes: GET /health on the reported address (the HEALTHCHECK is off);
+        ``paced`` (a list): only those whose probe is due (see ProbePacer)."""
         running = [i for i in infos if i.running and i.port]
+        if paced:
+            running = self._pacer.due(running, self._healthy_once)
         if not running:
             return
-        if self._http is None:
-            self._http = httpx.AsyncClient(timeout=PROBE_TIMEOUT, trust_env=False)
-        http = self._http
 
         async def probe(info: NodeInfo) -> None:
-            ok = False
-            with contextlib.suppress(httpx.HTTPError):
-                ok = (await http.get(f"http://{info.host}:{info.port}/health")).status_code == 200
-            if ok:
+            if await node_healthy(info.host, info.port):
                 self._healthy_once.add(info.node_id)
                 info.health = HEALTHY
             else:
                 info.health = UNHEALTHY if info.node_id in self._healthy_once else STARTING
 
         await asyncio.gather(*(probe(i) for i in running))
+        self._pacer.asked(running)
 
     # ---- contract -----------------------------------------------------------------------------------
 
@@ -514,6 +513,7 @@ class SwarmRuntime(DockerRuntime):
 
         await self._api("service rm", rm, ok=(404,))
         if node_id:
+            self._pacer.forget(node_id)
             await self._remove_containers(node_id)
         if volume:  # the workspace on this engine (a volume on another host stays with it)
             await self._api("volume rm", lambda docker: self._remove_volume(docker, str(volume)))
@@ -550,7 +550,7 @@ class SwarmRuntime(DockerRuntime):
             return []
         tasks, nodes = await asyncio.gather(self._tasks(filters), self._nodes())
         infos = [self._node_info(s, tasks, nodes) for s in found]
-        await self._probe_all(infos)
+        await self._probe_all(infos, paced=True)
         return infos
 
 
