@@ -28,6 +28,7 @@ from bench import profiling
 from bench.common import GIB, MIB, Context, Figure, Outcome, at_least, at_most, node_address
 from bench.procs import Manager
 from bench.rss import PeakRss
+from toolserver.testing.tiers import SANDBOX
 
 NAME = "streaming"
 TITLE = "Streaming"
@@ -121,7 +122,9 @@ def run(ctx: Context) -> Outcome:
     src, warm = root / "payload.bin", root / "warm.bin"
     write_file(src, size)
     write_file(warm, 16 * MIB)
-    with Manager(root / "manager") as manager:
+    # the default tier's workspace is a 1 GiB image: room for the 1 GiB files both ways
+    tier = {"isolation": "sandbox", "runtime_config": {**SANDBOX.runtime_config, "workspace_size": "4g"}}
+    with Manager(root / "manager", **tier) as manager:
         with httpx.Client(base_url=manager.url, trust_env=False, timeout=120) as http:
             cookie = http.post("/get_cookie").cookies["node_id"]
         record = manager.node(cookie)

@@ -202,3 +202,22 @@ def test_unix_socket_routing_for_tools_streams_and_terminal(sandbox: ManagerProc
 
         assert "42-from-terminal" in asyncio.run(terminal())
         assert httpx.get(sandbox.url + "/alive", trust_env=False).status_code == 200
+
+
+def test_an_upload_into_a_full_workspace_is_refused_with_507(sandbox: ManagerProcess, tmp_path: Path) -> None:
+    """A 48 MiB upload into a 32 MiB workspace: 507 saying the workspace is full (it was a 500),
+    nothing half-written is kept, and the session goes on."""
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\0" * (48 << 20))
+    with ToolServerClient(sandbox.url) as client, client.create_session() as s:
+        cookie = {"Cookie": f"node_id={s.session_id}"}
+        with big.open("rb") as f:
+            r = httpx.post(
+                sandbox.url + "/upload_file", files={"file": ("big.bin", f)}, headers=cookie, timeout=120
+            )
+        assert r.status_code == 507, r.text
+        assert "workspace is full" in r.json()["detail"] and "nothing was kept" in r.json()["detail"]
+        code, out = _sh(s, "ls -A")
+        assert (code, out) == (0, ""), f"left in the workspace: {out!r}"
+        s.files.write("small.txt", "still works")
+        assert s.files.read("small.txt").strip() == b"still works"

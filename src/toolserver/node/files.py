@@ -9,6 +9,7 @@ workspace) and streamed from there.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mimetypes
 import os
 import shutil
@@ -157,7 +158,7 @@ async def receive_upload(request: Request, ctx: NodeContext) -> dict[str, Any]:
                     raise HTTPException(413, f"the upload is larger than the limit of {limit} bytes")
                 if handle is None:
                     handle = await anyio.to_thread.run_sync(open_tmp)
-                await anyio.to_thread.run_sync(handle.write, data)
+                await _written(handle.write, data, size)
         try:
             parser.finalize()
         except Exception as exc:
@@ -167,7 +168,7 @@ async def receive_upload(request: Request, ctx: NodeContext) -> dict[str, Any]:
             raise HTTPException(400, "the upload has no 'file' part")
         if handle is None:
             handle = await anyio.to_thread.run_sync(open_tmp)
-        await anyio.to_thread.run_sync(handle.close)
+        await _written(handle.close, None, size)
         name = sanitize_filename(fields.get("filename") or file_part.filename or "")
         rel = await anyio.to_thread.run_sync(
             _move_into_place, ctx, root.dir_fd, tmp, fields.get("path"), name
@@ -179,6 +180,20 @@ async def receive_upload(request: Request, ctx: NodeContext) -> dict[str, Any]:
             os.unlink(tmp, dir_fd=root.dir_fd)
         root.close()
     return {"message": "Upload Success!", "file_path": rel, "size": size}
+
+
+async def _written(write: Any, data: bytes | None, size: int) -> None:
+    """``write(data)`` (or ``write()``) in a thread; a full workspace is the client's 507."""
+    import anyio.to_thread
+
+    try:
+        await anyio.to_thread.run_sync(write, *(() if data is None else (data,)))
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise HTTPException(
+            507, f"the workspace is full (no space left after {size} bytes of the upload): nothing was kept"
+        ) from None
 
 
 def _upload_target(ctx: NodeContext, path: str | None, name: str) -> Located:
