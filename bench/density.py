@@ -33,7 +33,7 @@ import psutil
 
 from bench.common import MIB, Context, Figure, Outcome, at_most, summary
 from bench.procs import Manager
-from toolserver.testing import node_processes
+from toolserver.testing import node_servers
 
 NAME = "density"
 TITLE = "Density: idle sessions per host"
@@ -98,7 +98,7 @@ def _with_kernel_mib(manager: Manager, cookies: list[str]) -> list[float]:
             if resp.status_code != 200:
                 raise RuntimeError(f"notebook cell answered {resp.status_code}: {resp.text[:200]}")
     out = []
-    for proc in node_processes(manager.data_dir):
+    for proc in node_servers(manager.data_dir):
         with contextlib.suppress(psutil.Error):
             children = proc.children(recursive=True)
             if children:  # its kernel (only those sessions ran a cell)
@@ -135,7 +135,7 @@ def uss_floors() -> dict[str, float]:
 
 
 def _checkpoint(manager: Manager, http: httpx.Client, live: int) -> dict[str, Any]:
-    nodes = node_processes(manager.data_dir)
+    nodes = node_servers(manager.data_dir)
     uss = _uss_mib(nodes)
     mean_uss = sum(uss) / len(uss) if uss else float("nan")
     return {

@@ -33,6 +33,7 @@ from tests.support import (
     wait_until,
 )
 from toolserver.runtimes.base import LABEL_MANAGER
+from toolserver.testing import SANDBOX_CGROUPS, cgroup_processes
 from toolserver.testing.tiers import Tier, tiers
 
 MARK_ENV = "TOOLSERVER_MARK_NODE"
@@ -50,8 +51,6 @@ def session_headers(node_id: str) -> dict[str, str]:
 #: (it works with the harness, run it with ``tier_params("gvisor")``, but its kill-during-creates
 #: case timed out waiting for the four creates to answer on a loaded 2-core machine).
 FAULT_TIERS = ("sandbox", "process", "docker")
-#: where the sandbox tier's node cgroups are (one per node id; the kernel lists their processes)
-SANDBOX_CGROUPS = Path("/sys/fs/cgroup/pids/toolserver")
 
 
 def tier_params(*names: str) -> list[Any]:
@@ -114,11 +113,8 @@ class FaultManager(ManagerProcess):
         found = {p.pid: p for p in processes_under(self.root) if p.pid not in own}
         if self.tier == "sandbox":
             self.seen |= {d.name for d in self.node_dirs()}
-            for node_id in self.seen:
-                with contextlib.suppress(OSError, ValueError):
-                    for pid in map(int, (SANDBOX_CGROUPS / node_id / "cgroup.procs").read_text().split()):
-                        with contextlib.suppress(psutil.Error):
-                            found.setdefault(pid, psutil.Process(pid))
+            for proc in cgroup_processes(self.seen):
+                found.setdefault(proc.pid, proc)
         return list(found.values())
 
     def volumes(self) -> list[str]:

@@ -20,7 +20,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -29,10 +29,13 @@ import psutil
 import yaml
 
 __all__ = [
+    "SANDBOX_CGROUPS",
     "ManagerProcess",
+    "cgroup_processes",
     "free_port",
     "http_ok",
     "node_processes",
+    "node_servers",
     "processes_under",
     "scratch_config",
     "unique_manager_id",
@@ -103,6 +106,37 @@ def node_processes(data_dir: Path) -> list[psutil.Process]:
     for proc in processes_under(data_dir):
         with contextlib.suppress(psutil.Error):
             if "node" in proc.cmdline():
+                found.append(proc)
+    return found
+
+
+#: the sandbox tier's node cgroups (pids controller): one group per node id
+SANDBOX_CGROUPS = Path("/sys/fs/cgroup/pids/toolserver")
+
+
+def cgroup_processes(node_ids: Iterable[str], root: Path = SANDBOX_CGROUPS) -> list[psutil.Process]:
+    """Processes the kernel lists in the sandbox cgroups of ``node_ids``: how sandboxed nodes are
+    found from outside (their root, working directory and command line show nothing of the data
+    directory)."""
+    found = []
+    for node_id in node_ids:
+        with contextlib.suppress(OSError, ValueError):
+            for pid in map(int, (root / node_id / "cgroup.procs").read_text().split()):
+                with contextlib.suppress(psutil.Error):
+                    found.append(psutil.Process(pid))
+    return found
+
+
+def node_servers(data_dir: Path) -> list[psutil.Process]:
+    """The node servers (``python -m toolserver node``) of the nodes under ``data_dir``, on the
+    process tier or sandboxed (not the sandbox's wrappers around them)."""
+    nodes = data_dir / "nodes"
+    ids = [d.name for d in nodes.iterdir() if d.is_dir()] if nodes.is_dir() else []
+    candidates = {p.pid: p for p in [*processes_under(data_dir), *cgroup_processes(ids)]}
+    found = []
+    for proc in candidates.values():
+        with contextlib.suppress(psutil.Error):
+            if proc.cmdline()[1:4] == ["-m", "toolserver", "node"]:
                 found.append(proc)
     return found
 
