@@ -70,7 +70,8 @@ def test_admin_api_and_metrics(manager_factory: Callable[..., ManagerProcess]) -
         assert [s["short_id"] for s in sessions(label="run")] == [alices["short_id"]]
         assert sessions(label="team=other") == [] and sessions(min_age_seconds="3600") == []
         assert len(sessions(status="running")) == 2 and len(sessions(max_age_seconds="3600")) == 2
-        assert any(s["pooled"] for s in sessions(pooled="true"))
+        # the pool refills a moment after its node was claimed (pool.REFILL_DELAY_SECONDS)
+        wait_until(lambda: any(s["pooled"] for s in sessions(pooled="true")), timeout=30, what="a refill")
         text = json.dumps(everything)
         for record in manager.nodes():
             assert record["id"] not in text and record["secret"] not in text

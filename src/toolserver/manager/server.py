@@ -70,5 +70,6 @@ async def preflight(settings: Settings) -> None:
 
 def serve_manager(settings: Settings, log_level: str = "info") -> None:
     """Serve the manager; ConfigError (before serving) when its runtime cannot run here."""
+    configure_logging(log_level, settings.log_format)  # preflight's warnings in the configured form
     asyncio.run(preflight(settings))
     uvicorn.Server(uvicorn_config(settings, log_level)).run()
