@@ -21,6 +21,7 @@ FLUSH = 1.0
 def test_churn_soak(tmp_path: Path) -> None:
     with fault_managers(tmp_path) as make:
         manager = make(PROCESS)
+        started = len(manager.log().splitlines())  # past the start-up (the tier's own warning)
         report = soak(manager, SECONDS, clients=3)
         rss, fds = report.drift(warmup=15)
         print(
@@ -33,4 +34,4 @@ def test_churn_soak(tmp_path: Path) -> None:
         assert rss < 16, report.samples
         assert fds < 8, report.samples
         recovered(manager, within=TICK * 2)
-        assert error_lines(manager.log()) == []
+        assert error_lines("\n".join(manager.log().splitlines()[started:])) == []
