@@ -22,7 +22,7 @@ import pytest_asyncio
 from tests.support import ManagerProcess
 from toolserver.errors import ConfigError, NodeNotFound
 from toolserver.runtimes.base import PAUSED, RUNNING
-from toolserver.runtimes.health import unix_health
+from toolserver.runtimes.health import node_healthy
 from toolserver.runtimes.process import MARK_FILE
 from toolserver.runtimes.sandbox import SandboxRuntime
 from toolserver.testing.conformance import SHELL, ConformanceHarness
@@ -54,7 +54,7 @@ async def test_pause_freezes_and_resume_thaws_with_the_processes_kept(sandbox: C
     paused = await runtime.pause(info.state)
     assert paused.status == PAUSED
     assert (await runtime.inspect(info.state)).status == PAUSED
-    assert not await unix_health(info.host.removeprefix("unix:")), "a paused node still answers"
+    assert not await node_healthy(info.host, info.port), "a paused node still answers"
     resumed = await runtime.resume(info.state)
     assert resumed.status == RUNNING
     await sandbox.ready(runtime, info.state)

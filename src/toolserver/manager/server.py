@@ -58,9 +58,10 @@ def memory_overcommit(settings: Settings, host_bytes: int) -> str | None:
 async def preflight(settings: Settings) -> None:
     """The chosen runtime's :meth:`~toolserver.runtimes.base.Runtime.preflight` (ConfigError when it
     cannot run on this machine); a warning when its nodes could need more memory than the host has."""
-    overcommit = memory_overcommit(settings, psutil.virtual_memory().total)
-    if overcommit and settings.isolation in MEMORY_LIMITED_HERE:
-        log.warning("%s", overcommit)
+    if settings.isolation in MEMORY_LIMITED_HERE:
+        overcommit = memory_overcommit(settings, psutil.virtual_memory().total)
+        if overcommit:
+            log.warning("%s", overcommit)
     runtime = create_runtime(settings.runtime_config, settings.runtime_context())
     try:
         await runtime.preflight()

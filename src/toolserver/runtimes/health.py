@@ -68,9 +68,4 @@ class ProbePacer:
         self._next.pop(node_id, None)
 
 
-async def unix_health(path: str) -> bool:
-    """:func:`node_healthy` of the node on Unix socket ``path``."""
-    return await node_healthy(UNIX_PREFIX + path, 0)
-
-
-__all__ = ["HEALTH_TIMEOUT", "ProbePacer", "node_healthy", "unix_health"]
+__all__ = ["HEALTH_TIMEOUT", "ProbePacer", "node_healthy"]
