@@ -86,6 +86,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     node.add_argument("--config", type=Path, help="YAML node config file")
     node.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    # the sandbox tier's template process (toolserver.runtimes.sandbox_template), run by the runtime
+    node.add_argument("--template-fd", type=int, help=argparse.SUPPRESS)
 
     checker = command("checker", "run the node checker loop on its own")
     checker.add_argument("--config", type=Path, help="YAML config file of the manager it checks for")
@@ -213,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         return run_mcp(
             resolve_url(args.url), args.session, args.resource_max_bytes, getattr(args, "api_key", None)
         )
+    if args.command == "node" and args.template_fd is not None:
+        from toolserver.runtimes.sandbox_template import main as template_main
+
+        return template_main(args.template_fd)
     if args.command == "node":
         from toolserver.node.server import serve
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -54,7 +55,9 @@ from toolserver.runtimes.base import (
 from toolserver.runtimes.process import MARK_ENV, ProcessRuntime, _process, _remove_tree
 from toolserver.runtimes.sandbox_config import SandboxConfig
 from toolserver.runtimes.sandbox_jail import (
+    INNER_UID,
     NODE_CONFIG,
+    WORKSPACE,
     UidClaims,
     inner_args,
     node_env,
@@ -62,6 +65,7 @@ from toolserver.runtimes.sandbox_jail import (
     write_etc,
 )
 from toolserver.runtimes.sandbox_limits import CONTROLLERS, NodeCgroup, make_disk, mount_disk, unmount_disk
+from toolserver.runtimes.sandbox_template import READY_SECONDS, WAITER, Template, start_time
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,25 @@ OFFLINE_REASON = "runtime_config.network is 'none' (loopback only); set it to 'e
 _JOIN_CGROUPS = (
     'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done; exec "$@"'
 )
+
+
+def _wait_ready(fd: int, timeout: float) -> bool:
+    """Whether the waiter wrote its line on ``fd`` within ``timeout`` (False: the sandbox ended)."""
+    readable, _, _ = select.select([fd], [], [], timeout)
+    return bool(readable) and os.read(fd, 64).startswith(b"ready")
+
+
+def _waiter_of(pid: int, uid: int) -> int:
+    """The waiter's host pid: the one ``sh`` of the node's uid below the sandbox's first process
+    (nothing of the node's runs there yet, so the tree is the sandbox's own)."""
+    try:
+        below = psutil.Process(pid).children(recursive=True)
+        found = [p.pid for p in below if p.name() == "sh" and p.uids().real == uid]
+    except psutil.Error as exc:
+        raise RuntimeBackendError(f"the sandbox ended as it started: {exc}") from exc
+    if len(found) != 1:
+        raise RuntimeBackendError(f"the sandbox has {len(found)} waiters, not 1")
+    return found[0]
 
 
 def socket_path(node_dir: Path) -> Path:
@@ -136,6 +159,8 @@ class SandboxRuntime(ProcessRuntime):
         self.etc = Path(context.data_dir).resolve() / "sandbox-etc"
         self.claims = UidClaims(UID_CLAIMS, config.uid_base, config.uid_count)
         self.cgroup_root = Path(config.cgroup_root)
+        #: the pre-imported process nodes are forked from (None: every node imports its own stack)
+        self.template = Template(node_env({})) if config.template else None
 
     # ---- checks -------------------------------------------------------------------------------------
 
@@ -249,41 +274,60 @@ class SandboxRuntime(ProcessRuntime):
         logfile = await asyncio.to_thread(open, node_dir / "node.log", "ab")
         # the outer bwrap reads its options from a pipe: in a command line the node would see them
         options_r, options_w = os.pipe()
+        # with the template: the waiter says it is up on ready_w (its stdout) and lives while
+        # lifeline_w (its stdin) is open
+        ready_r, ready_w = os.pipe() if self.template is not None else (-1, -1)
+        lifeline_r, lifeline_w = os.pipe() if self.template is not None else (-1, -1)
         try:
-            argv, options = self.sandbox_command(sock.fileno(), node_dir, int(mark["uid"]), procs, options_r)
             try:
-                os.write(options_w, b"\0".join(o.encode() for o in options) + b"\0")  # far below 64 KiB
+                argv, options = self.sandbox_command(
+                    sock.fileno(), node_dir, int(mark["uid"]), procs, options_r, waiter=ready_w >= 0
+                )
+                try:
+                    os.write(options_w, b"\0".join(o.encode() for o in options) + b"\0")  # far below 64 KiB
+                finally:
+                    os.close(options_w)  # exactly once: a second close could hit another thread's new file
+                proc = await asyncio.create_subprocess_exec(
+                    *argv,
+                    env=env,
+                    cwd=str(node_dir),
+                    stdin=lifeline_r if lifeline_r >= 0 else asyncio.subprocess.DEVNULL,
+                    stdout=ready_w if ready_w >= 0 else logfile,
+                    stderr=logfile,
+                    start_new_session=True,
+                    pass_fds=(sock.fileno(), options_r),
+                )
+            except OSError as exc:
+                raise RuntimeBackendError(f"cannot start the sandbox: {exc}") from exc
             finally:
-                os.close(options_w)  # exactly once: a second close could hit another thread's new file
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                env=env,
-                cwd=str(node_dir),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=logfile,
-                stderr=logfile,
-                start_new_session=True,
-                pass_fds=(sock.fileno(), options_r),
-            )
-        except OSError as exc:
-            raise RuntimeBackendError(f"cannot start the sandbox: {exc}") from exc
+                for fd in (options_r, ready_w, lifeline_r):
+                    if fd >= 0:
+                        os.close(fd)
+                ready_w = lifeline_r = -1
+            self._children[node_id] = proc
+            self._healthy_once.discard(node_id)
+            try:
+                create_time = psutil.Process(proc.pid).create_time()
+            except psutil.Error:
+                create_time = None
+            # the mark names the pid once it is in its cgroups: a list() before would see a process
+            # outside the node's groups, call the node dead and reap the run that is just starting
+            if procs and not await asyncio.to_thread(cgroup.wait_joined, proc.pid):
+                await self._abandon(proc, cgroup)
+                raise RuntimeBackendError(f"node {node_id} did not join its cgroups (exit {proc.returncode})")
+            if self.template is not None:
+                try:
+                    fds = (sock.fileno(), logfile.fileno(), lifeline_w)
+                    await self._spawn_server(proc, mark, procs, env, fds, ready_r)
+                except RuntimeBackendError:
+                    await self._abandon(proc, cgroup)
+                    raise
         finally:
             logfile.close()
             sock.close()  # the node holds its own copy
-            os.close(options_r)
-        self._children[node_id] = proc
-        self._healthy_once.discard(node_id)
-        try:
-            create_time = psutil.Process(proc.pid).create_time()
-        except psutil.Error:
-            create_time = None
-        # the mark names the pid once it is in its cgroups: a list() before would see a process
-        # outside the node's groups, call the node dead and reap the run that is just starting
-        if procs and not await asyncio.to_thread(cgroup.wait_joined, proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            raise RuntimeBackendError(f"node {node_id} did not join its cgroups (exit {proc.returncode})")
+            for fd in (ready_r, lifeline_w):
+                if fd >= 0:
+                    os.close(fd)
         mark.update(pid=proc.pid, create_time=create_time, socket=str(socket_path(node_dir)))
         await asyncio.to_thread(self._write_mark, node_dir, mark)
         state.update(node_id=node_id, dir=str(node_dir), pid=proc.pid)
@@ -368,10 +412,18 @@ class SandboxRuntime(ProcessRuntime):
         return sock
 
     def sandbox_command(
-        self, fd: int, node_dir: Path, uid: int, cgroup_procs: list[str], options_fd: int
+        self,
+        fd: int,
+        node_dir: Path,
+        uid: int,
+        cgroup_procs: list[str],
+        options_fd: int,
+        waiter: bool = False,
     ) -> tuple[list[str], list[str]]:
         """join the cgroups → rlimits → [pasta] → outer bwrap → setpriv → inner bwrap → node: the
-        command line, and the outer bwrap's options, which it reads from ``options_fd``."""
+        command line, and the outer bwrap's options, which it reads from ``options_fd``. With
+        ``waiter``, the sandbox runs the template's waiter instead of the node (which the template
+        forks into it)."""
         egress = self.config.network == "egress"
         argv = ["/bin/sh", "-c", _JOIN_CGROUPS, "sh", str(len(cgroup_procs)), *cgroup_procs]
         limits = self.context.resources
@@ -391,10 +443,55 @@ class SandboxRuntime(ProcessRuntime):
         )
         argv += ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--inh-caps=-all"]
         argv += ["bwrap", *inner_args()]
+        if waiter:
+            return [*argv, "/bin/sh", "-c", WAITER], options
         argv += [sys.executable, "-m", "toolserver", "node", "--fd", str(fd), "--workspace", "/workspace"]
         if self.node_config:
             argv += ["--config", NODE_CONFIG]
         return argv, options
+
+    async def _spawn_server(
+        self,
+        proc: asyncio.subprocess.Process,
+        mark: dict[str, Any],
+        cgroup_procs: list[str],
+        env: dict[str, str],
+        fds: tuple[int, int, int],
+        ready_fd: int,
+    ) -> None:
+        """Wait for the sandbox's waiter, then have the template fork the node's server into it."""
+        assert self.template is not None
+        node_id = mark["node_id"]
+        if not await asyncio.to_thread(_wait_ready, ready_fd, READY_SECONDS):
+            raise RuntimeBackendError(f"node {node_id}: its sandbox did not come up (exit {proc.returncode})")
+        waiter = await asyncio.to_thread(_waiter_of, proc.pid, int(mark["uid"]))
+        request = {
+            "waiter_pid": waiter,
+            "waiter_start": await asyncio.to_thread(start_time, waiter),
+            "cgroup_procs": cgroup_procs,
+            "nproc": self.context.resources.pids_limit or None,
+            "uid": INNER_UID,
+            "env": env,
+            "cwd": WORKSPACE,
+            "config": NODE_CONFIG if self.node_config else None,
+        }
+        try:
+            await self.template.spawn(request, list(fds))
+        except OSError as exc:
+            raise RuntimeBackendError(f"node {node_id}: cannot start from the template: {exc}") from exc
+
+    async def _abandon(self, proc: asyncio.subprocess.Process, cgroup: NodeCgroup) -> None:
+        """Kill a sandbox that did not start (its cgroup, then the chain) and wait for it."""
+        await asyncio.to_thread(cgroup.kill_all)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(proc.wait(), 5)
+
+    async def aclose(self) -> None:
+        if self.template is not None:
+            await self.template.aclose()
+        await super().aclose()
 
     def _alive(self, mark: dict[str, Any]) -> psutil.Process | None:
         """The node's process, if it still runs: same pid, same start time, in the node's cgroup."""

@@ -39,6 +39,11 @@ class SandboxConfig(RuntimeConfig):
         "1g", description="size of each node's workspace (a loop-mounted ext4 image); null: no limit"
     )
     cgroup_root: str = Field("/sys/fs/cgroup", description="where the cgroup v1 controllers are mounted")
+    template: bool = Field(
+        True,
+        description="fork each node's server from a process that imported the node's stack once "
+        "(fast starts, shared memory); false: every node starts its own interpreter",
+    )
 
     @field_validator("workspace_size")
     @classmethod
