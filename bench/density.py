@@ -1,4 +1,4 @@
-"""Benchmark: density, N idle sessions on one manager (process runtime).
+"""Benchmark: density, N idle sessions on one manager (the default tier, sandbox).
 
 One real manager subprocess (``node.max_nodes`` above N, a warm pool of 2, the checker ticking
 every second as in production) gets N sessions, opened four at a time; none of them is used
@@ -9,8 +9,11 @@ again, so they idle. At each checkpoint (0, N/4, N/2, 3N/4 and N live sessions):
 * warm claim: three sessions claimed from the pool (``/get_cookie``, the pool refilled before each)
   and released again, p50;
 * memory: unique set size (USS, ``psutil`` ``memory_full_info().uss``: the pages no other process
-  shares) of up to 20 idle node processes, their mean; the sum over all nodes is that mean times
-  the count; and the manager's RSS.
+  shares) of up to 20 idle nodes, their mean, both of the node's server alone and of every process
+  of the node (the server and its sandbox's bwrap, pasta and waiter processes, as the kernel lists
+  them in the node's cgroup); the sum over all nodes is that mean times the count; the manager's
+  RSS, and the USS of the template process the nodes are forked from (one per manager, shared by
+  all of them).
 
 Last, a notebook kernel is started in three of the sessions (a cell ``1 + 1``) and the USS of
 each such node with its kernel process is taken. N is ``BENCH_DENSITY_N`` (default 200, 12 with
@@ -26,6 +29,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -33,7 +37,7 @@ import psutil
 
 from bench.common import MIB, Context, Figure, Outcome, at_most, summary
 from bench.procs import Manager
-from toolserver.testing import node_servers
+from toolserver.testing import cgroup_processes, node_servers
 
 NAME = "density"
 TITLE = "Density: idle sessions per host"
@@ -89,6 +93,31 @@ def _uss_mib(procs: list[psutil.Process]) -> list[float]:
     return out
 
 
+def _whole_node_uss_mib(data_dir: Path) -> list[float]:
+    """USS of every process of up to :data:`USS_SAMPLE` sandboxed nodes (server and wrappers)."""
+    nodes = data_dir / "nodes"
+    out = []
+    for node in sorted(nodes.iterdir())[:USS_SAMPLE] if nodes.is_dir() else []:
+        total = 0
+        for proc in cgroup_processes([node.name]):
+            with contextlib.suppress(psutil.Error):
+                total += proc.memory_full_info().uss
+        if total:
+            out.append(total / MIB)
+    return out
+
+
+def _template_uss_mib(manager: Manager) -> float | None:
+    """USS of the manager's template process(es), the one copy of the stack nodes share."""
+    total = 0
+    with contextlib.suppress(psutil.Error):
+        for proc in psutil.Process(manager.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "--template-fd" in proc.cmdline():
+                    total += proc.memory_full_info().uss
+    return total / MIB if total else None
+
+
 def _with_kernel_mib(manager: Manager, cookies: list[str]) -> list[float]:
     """USS of each node with a kernel (the node process plus its children), after one cell."""
     with httpx.Client(base_url=manager.url, timeout=300, trust_env=False) as http:
@@ -138,13 +167,17 @@ def _checkpoint(manager: Manager, http: httpx.Client, live: int) -> dict[str, An
     nodes = node_servers(manager.data_dir)
     uss = _uss_mib(nodes)
     mean_uss = sum(uss) / len(uss) if uss else float("nan")
+    whole = _whole_node_uss_mib(manager.data_dir)
+    mean_whole = sum(whole) / len(whole) if whole else mean_uss
     return {
         "sessions": live,
         "node_processes": len(nodes),
         "alive_ms": _alive_ms(http),
         "warm_claim_ms": summary(_warm_claims(manager, http)),
-        "idle_uss_mib": mean_uss,
-        "nodes_uss_total_mib": mean_uss * len(nodes),
+        "server_uss_mib": mean_uss,
+        "idle_uss_mib": mean_whole,
+        "nodes_uss_total_mib": mean_whole * len(nodes),
+        "template_uss_mib": _template_uss_mib(manager),
         "manager_rss_mib": psutil.Process(manager.pid).memory_info().rss / MIB,
         "available_mib": psutil.virtual_memory().available / MIB,
     }
@@ -201,13 +234,21 @@ def run(ctx: Context) -> Outcome:
         ),
         Figure(
             NAME,
-            "USS per idle node",
+            "USS per idle node (server and sandbox processes)",
             last["idle_uss_mib"],
             "MiB",
             f"nodes' total {last['nodes_uss_total_mib']:.0f} MiB for {last['node_processes']} nodes; "
             f"manager RSS {last['manager_rss_mib']:.0f} MiB",
             f"≤ {IDLE_USS_MIB:g} MiB",
             at_most(last["idle_uss_mib"], IDLE_USS_MIB),
+            note=f"the server alone {last['server_uss_mib']:.1f} MiB",
+        ),
+        Figure(
+            NAME,
+            "USS of the template the nodes are forked from (once per manager)",
+            last["template_uss_mib"],
+            "MiB",
+            f"an idle node {last['idle_uss_mib']:.1f} MiB",
         ),
         Figure(
             NAME,
@@ -225,10 +266,10 @@ def run(ctx: Context) -> Outcome:
     )
     stack = list(floors.values())[-1]
     outcome.notes.append(
-        f"An idle node's USS is {last['idle_uss_mib']:.1f} MiB; an interpreter that only imported the "
-        f"node's third-party stack already holds {stack:.1f} MiB of its own (same run). Below that, "
-        "nodes must share those pages: started from a pre-imported template process (fork), "
-        "which this round leaves out (it changes how nodes start)."
+        f"An idle node's USS is {last['idle_uss_mib']:.1f} MiB with its sandbox's processes "
+        f"({last['server_uss_mib']:.1f} MiB its server); an interpreter that only imported the node's "
+        f"third-party stack holds {stack:.1f} MiB of its own (same run). Nodes forked from the "
+        "template share its pages until they write them."
     )
     outcome.notes.append(
         f"{n} sessions opened {OPEN_AT_ONCE} at a time in {outcome.raw['seconds']:.0f} s; "

@@ -17,8 +17,9 @@ The reference is the bare start of the same node without a manager, measured in 
 ``toolserver node`` launched as a process (or ``docker run`` of the node image, with
 ``--runtime runsc`` for gVisor) until ``GET /health`` answers 200, polled every 10 ms. For
 ``sandbox`` it is a bare ``bwrap`` start, the namespaces a sandbox makes around ``python -c pass``,
-next to that same ``python -c pass`` alone; its cold target is the process tier's cold p50 of the
-same run plus 100 ms.
+next to that same ``python -c pass`` alone. The sandbox tier forks its nodes from a pre-imported
+template by default; ``sandbox, no template`` is the same tier with ``template: false`` (every node
+imports its own stack), measured in the same run as the reference for what the template saves.
 """
 
 from __future__ import annotations
@@ -45,7 +46,11 @@ SMALL_TOOL = {"tool_name": "calculator", "arguments": {"expression": "6*7"}}
 WARM_P50_MS, WARM_P99_MS = 15.0, 60.0
 #: issue 14: a warm session ready (cookie → first successful call)
 WARM_READY_P50_MS, WARM_READY_P99_MS = 20.0, 60.0
-COLD_TARGET_MS = {"process": 250.0, "docker": 1500.0, "gvisor": 3000.0}
+COLD_TARGET_MS = {"process": 250.0, "sandbox": 250.0, "docker": 1500.0, "gvisor": 3000.0}
+#: issue 14: a cold session on the default tier, p99
+COLD_SANDBOX_P99_MS = 400.0
+#: the sandbox tier measured again without its template (the reference for what it saves)
+NO_TEMPLATE = "sandbox, no template"
 #: what any Python node start pays before its own code runs: the interpreter, then its web stack
 FLOORS = {
     "`python -c pass`": "pass",
@@ -56,8 +61,6 @@ FLOORS = {
 }
 #: the container runtime of each Docker tier's bare reference (None: dockerd's default, runc)
 BARE_RUNTIME = {"docker": None, "gvisor": "runsc"}
-#: the sandbox tier's cold /get_cookie p50 may exceed the process tier's of the same run by this
-SANDBOX_OVER_PROCESS_MS = 100.0
 BARE_BWRAP = [
     "bwrap", "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-user",
     "--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
@@ -185,9 +188,7 @@ def _ms(stats: dict[str, float], key: str) -> str:
     return f"{stats.get(key, float('nan')):.0f} ms"
 
 
-def _figures(
-    runtime: str, cold: list[Sample], warm: list[Sample], bare: list[float], cold_limit: float | None = None
-) -> list[Figure]:
+def _figures(runtime: str, cold: list[Sample], warm: list[Sample], bare: list[float]) -> list[Figure]:
     c_cookie = summary([s.cookie_ms for s in cold])
     c_ready = summary([s.ready_ms for s in cold])
     w_cookie = summary([s.cookie_ms for s in warm if s.hit])
@@ -201,8 +202,8 @@ def _figures(
     }.get(runtime, "bare `docker run`")
     hits = sum(1 for s in warm if s.hit)
     bare_ref = f"{bare_what}{'' if runtime == 'sandbox' else ' → /health'} p50 {_ms(b, 'p50')}"
-    limit = cold_limit if cold_limit is not None else COLD_TARGET_MS.get(runtime, float("nan"))
-    cold_target = f"≤ {limit:.0f} ms" + (" (process p50 + 100 ms)" if runtime == "sandbox" else "")
+    limit = COLD_TARGET_MS.get(runtime, float("nan"))
+    cold_target = f"≤ {limit:.0f} ms"
     rows = [
         Figure(
             NAME,
@@ -234,6 +235,18 @@ def _figures(
             note=f"p95 {_ms(c_cookie, 'p95')}, p99 {_ms(c_cookie, 'p99')}",
         ),
     ]
+    if runtime == "sandbox":
+        rows.append(
+            Figure(
+                NAME,
+                f"{runtime}: cold, healthy (/get_cookie) p99",
+                c_cookie.get("p99"),
+                "ms",
+                f"{bare_what} p99 {_ms(b, 'p99')}",
+                f"≤ {COLD_SANDBOX_P99_MS:.0f} ms",
+                at_most(c_cookie.get("p99"), COLD_SANDBOX_P99_MS),
+            )
+        )
     for pct, limit in (("p50", WARM_READY_P50_MS), ("p99", WARM_READY_P99_MS)):
         rows.append(
             Figure(
@@ -267,14 +280,18 @@ def _floor_figures(runtime: str, floors: dict[str, list[float]]) -> list[Figure]
     ]
 
 
-def _one_runtime(ctx: Context, runtime: str, outcome: Outcome) -> None:
+def _one_runtime(ctx: Context, runtime: str, outcome: Outcome, template: bool = True) -> None:
+    """Cold and warm sessions of one tier; ``template`` false: the sandbox tier without its template."""
+    label = runtime if template else NO_TEMPLATE
     sessions = ctx.pick(50, 8)
     bare_count = ctx.pick(20, 3)
     budget = ctx.pick(240, 60)
     raw: dict[str, Any] = {"sessions_requested": sessions}
-    root = ctx.workdir / f"ready-{runtime}"
-    with Manager(root / "cold", **_runtime_config(runtime, 0)) as manager:
-        label = manager.manager_id  # bare containers carry it, so cleanup finds them
+    root = ctx.workdir / f"ready-{runtime}{'' if template else '-no-template'}"
+    config = _runtime_config(runtime, 0)
+    if not template:
+        config["runtime_config"] = {**config["runtime_config"], "template": False}
+    with Manager(root / "cold", **config) as manager:
         alone: list[float] = []
         floors: dict[str, list[float]] = {}
         if runtime == "process":
@@ -282,12 +299,14 @@ def _one_runtime(ctx: Context, runtime: str, outcome: Outcome) -> None:
             floors = interpreter_floors(bare_count)
         elif runtime == "sandbox":
             bare, alone = bare_bwrap_starts(bare_count)
-        else:
-            bare = bare_docker_starts(label, bare_count, BARE_RUNTIME[runtime])
+        else:  # bare containers carry the manager's label, so cleanup finds them
+            bare = bare_docker_starts(manager.manager_id, bare_count, BARE_RUNTIME[runtime])
         one_session_warmup(manager)
         cold = measure(manager, sessions, warm=False, budget_s=budget)
-    with Manager(root / "warm", **_runtime_config(runtime, POOL_SIZE)) as manager:
-        warm = measure(manager, sessions, warm=True, budget_s=budget)
+    warm: list[Sample] = []
+    if template:
+        with Manager(root / "warm", **_runtime_config(runtime, POOL_SIZE)) as manager:
+            warm = measure(manager, sessions, warm=True, budget_s=budget)
     raw.update(
         cold=[vars(s) for s in cold],
         warm=[vars(s) for s in warm],
@@ -301,11 +320,22 @@ def _one_runtime(ctx: Context, runtime: str, outcome: Outcome) -> None:
             "bare_start_ms": summary(bare),
         },
     )
-    outcome.raw[runtime] = raw
-    limit = None
+    outcome.raw[label] = raw
+    if not template:
+        c_cookie = summary([s.cookie_ms for s in cold])
+        with_template = outcome.raw.get("sandbox", {}).get("summary", {}).get("cold_cookie_ms", {})
+        outcome.add(
+            Figure(
+                NAME,
+                f"{label}: cold, healthy (/get_cookie) p50",
+                c_cookie.get("p50"),
+                "ms",
+                f"with the template p50 {_ms(with_template, 'p50')}",
+                note=f"p99 {_ms(c_cookie, 'p99')}; every node imports its own stack",
+            )
+        )
+        return
     if runtime == "sandbox":
-        process_p50 = outcome.raw.get("process", {}).get("summary", {}).get("cold_cookie_ms", {}).get("p50")
-        limit = (process_p50 or float("nan")) + SANDBOX_OVER_PROCESS_MS
         outcome.notes.append(
             f"sandbox reference: bare bwrap + python -c pass p50 {summary(bare).get('p50', 0):.0f} ms, "
             f"python -c pass alone p50 {summary(alone).get('p50', 0):.0f} ms"
@@ -319,7 +349,7 @@ def _one_runtime(ctx: Context, runtime: str, outcome: Outcome) -> None:
             "that only imports the node's third-party stack (same run): the rest is the node's own "
             "imports and registry, the spawn, and the manager's health polling."
         )
-    outcome.add(*_figures(runtime, cold, warm, bare, limit), *_floor_figures(runtime, floors))
+    outcome.add(*_figures(runtime, cold, warm, bare), *_floor_figures(runtime, floors))
     if len(cold) < sessions or len(warm) < sessions:
         outcome.notes.append(
             f"{runtime}: the time budget ({budget} s per case) stopped the run at "
@@ -340,6 +370,7 @@ def run(ctx: Context) -> Outcome:
     sandbox_why = sandbox_unavailable_reason()
     if sandbox_why is None:
         _one_runtime(ctx, "sandbox", outcome)
+        _one_runtime(ctx, "sandbox", outcome, template=False)
     else:
         outcome.notes.append(f"sandbox tier skipped: {sandbox_why}.")
     why = unavailable_reason()

@@ -12,6 +12,7 @@ import httpx
 import psutil
 
 from tests.support import ManagerProcess, PostgresServer, node_processes, wait_until
+from toolserver.testing import node_of
 
 CALC = {"tool_name": "calculator", "arguments": {"expression": "6*7"}}
 #: Checker interval of the replicas; the lease lasts two of them, adoption comes within three.
@@ -78,7 +79,7 @@ class Cluster:
         running = set()
         for proc in self.node_processes():
             with contextlib.suppress(psutil.Error):
-                mark = proc.environ().get("TOOLSERVER_MARK_NODE", "?")
+                mark = node_of(proc) or "?"
                 if "node" in proc.cmdline():
                     running.add(mark)
                 if mark not in records:

@@ -33,10 +33,9 @@ from tests.support import (
     wait_until,
 )
 from toolserver.runtimes.base import LABEL_MANAGER
-from toolserver.testing import SANDBOX_CGROUPS, cgroup_processes
+from toolserver.testing import SANDBOX_CGROUPS, cgroup_processes, node_of
 from toolserver.testing.tiers import Tier, tiers
 
-MARK_ENV = "TOOLSERVER_MARK_NODE"
 #: Checker interval of the fault managers: recovery is asserted within one interval of its bound.
 TICK = 0.5
 CALC = {"tool_name": "calculator", "arguments": {"expression": "6*7"}}
@@ -101,7 +100,7 @@ class FaultManager(ManagerProcess):
         for proc in self.processes():
             with contextlib.suppress(psutil.Error):
                 if "node" in proc.cmdline() and "toolserver" in " ".join(proc.cmdline()):
-                    servers[proc.environ().get(MARK_ENV, "?")] = "running"
+                    servers[node_of(proc) or "?"] = "running"
         return {d.name: servers.get(d.name, "exited") for d in self.node_dirs()} | servers
 
     def processes(self) -> list[psutil.Process]:
@@ -159,7 +158,7 @@ def leaks(manager: FaultManager) -> list[str]:
     found += [f"record {sid} has no node" for sid in sessions if sid not in nodes]
     for proc in manager.processes():
         with contextlib.suppress(psutil.Error):
-            sid = proc.environ().get(MARK_ENV)
+            sid = node_of(proc)
             if sid not in sessions or nodes.get(sid) != "running":
                 found.append(f"process {proc.pid} {proc.name()} of node {sid} runs without a live session")
     prefix, suffix = "toolserver-node-", "-workspace"

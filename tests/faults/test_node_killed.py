@@ -16,7 +16,6 @@ import pytest
 
 from tests.faults.harness import (
     CALC,
-    MARK_ENV,
     TICK,
     FaultManager,
     fault_managers,
@@ -26,6 +25,7 @@ from tests.faults.harness import (
     tier_params,
 )
 from tests.support import wait_until
+from toolserver.testing import node_of
 from toolserver.testing.tiers import Tier
 
 SHELL = "shell_command_executor"
@@ -33,14 +33,14 @@ SHELL = "shell_command_executor"
 
 def _node_server(manager: FaultManager, short_id: str) -> psutil.Process:
     for proc in manager.processes():
-        if proc.environ().get(MARK_ENV) == short_id and "node" in proc.cmdline():
+        if node_of(proc) == short_id and "node" in proc.cmdline():
             return proc
     raise AssertionError(f"no node server for {short_id}")
 
 
 def _job(manager: FaultManager, short_id: str) -> psutil.Process:
     for proc in manager.processes():
-        if proc.environ().get(MARK_ENV) == short_id and proc.cmdline() == ["sleep", "300"]:
+        if node_of(proc) == short_id and proc.cmdline() == ["sleep", "300"]:
             return proc
     raise AssertionError(f"no shell job of {short_id}")
 
@@ -118,6 +118,6 @@ def test_killed_node_answers_503_at_once_and_takes_its_jobs_along(tmp_path: Path
 def _jobs_alive(manager: FaultManager, short_id: str) -> bool:
     for proc in manager.processes():
         with contextlib.suppress(psutil.Error):
-            if proc.environ().get(MARK_ENV) == short_id:
+            if node_of(proc) == short_id:
                 return True
     return False

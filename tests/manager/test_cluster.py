@@ -10,6 +10,7 @@ import pytest
 
 from tests.cluster_support import TICK, calc, cluster, cookie_of
 from tests.support import wait_until
+from toolserver.testing import node_of
 
 pytestmark = pytest.mark.postgres
 
@@ -67,7 +68,7 @@ def test_a_stopped_replica_hands_its_nodes_to_a_live_one_and_does_not_take_them_
         # the adopter's checker keeps them true: a node killed behind its back is seen as dead
         victim = next(r for r in c.records() if r["id"] == cookies[0])
         for proc in c.node_processes():
-            if proc.environ().get("TOOLSERVER_MARK_NODE") == victim["short_id"]:
+            if node_of(proc) == victim["short_id"]:
                 proc.kill()
         dead = lambda: c.records("id = $1", cookies[0])[0]["status"] == "exited"  # noqa: E731
         wait_until(dead, timeout=TICK * 4 + 2, what="the adopter sees the node die")

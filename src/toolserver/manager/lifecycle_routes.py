@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from fastapi import Body, Cookie, FastAPI, Request
+from fastapi import Cookie, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, ValidationError
 
@@ -55,6 +55,13 @@ def optional_body(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": False, "content": {"application/json": {"schema": schema}}}}
 
 
+def required_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI of a required JSON body that a route reads itself (after its ownership check)."""
+    extra = optional_body(model)
+    extra["requestBody"]["required"] = True
+    return extra
+
+
 def parse_body(model: type[M], body: bytes) -> M | None:
     """``body`` as ``model`` (None when empty); InvalidRequest (422) naming the bad key."""
     if not body.strip():
@@ -96,15 +103,23 @@ def add_lifecycle_routes(app: FastAPI, caller_dep: Any) -> None:
     def sessions_of(request: Request) -> Any:
         return request.app.state.sessions
 
-    @app.post("/extend_session", responses=ERRORS, tags=["sessions"], response_model=SessionAnswer)
+    @app.post(
+        "/extend_session",
+        responses=ERRORS,
+        tags=["sessions"],
+        response_model=SessionAnswer,
+        openapi_extra=required_body(ExtendRequest),
+    )
     async def extend_session(
-        request: Request,
-        body: ExtendRequest,
-        caller: Caller = caller_dep,
-        node_id: str | None = Cookie(None),
+        request: Request, caller: Caller = caller_dep, node_id: str | None = Cookie(None)
     ) -> JSONResponse:
         """Move the session's expiry to ``timeout_seconds`` from now (at most the maximum)."""
-        node = await sessions_of(request).extend(node_id, body.timeout_seconds, caller)
+        sessions = sessions_of(request)
+        await sessions.session(node_id, caller)  # whose session it is comes before what the body says
+        body = parse_body(ExtendRequest, await request.body())
+        if body is None:
+            raise InvalidRequest("invalid request: 'timeout_seconds': Field required")
+        node = await sessions.extend(node_id, body.timeout_seconds, caller)
         return _answer(node)
 
     @app.post("/pause_session", responses=ERRORS, tags=["sessions"], response_model=SessionAnswer)
@@ -121,12 +136,21 @@ def add_lifecycle_routes(app: FastAPI, caller_dep: Any) -> None:
         """Thaw the session's paused node: its processes and memory are as they were."""
         return _answer(await sessions_of(request).sleep.resume(node_id, caller))
 
-    @app.post("/fork_session", responses=ERRORS, tags=["sessions"], response_model=ForkAnswer)
+    @app.post(
+        "/fork_session",
+        responses=ERRORS,
+        tags=["sessions"],
+        response_model=ForkAnswer,
+        # /get_cookie's body model, in the components already (its schema has $defs of its own)
+        openapi_extra={
+            "requestBody": {
+                "required": False,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SessionOptions"}}},
+            }
+        },
+    )
     async def fork_session(
-        request: Request,
-        caller: Caller = caller_dep,
-        node_id: str | None = Cookie(None),
-        options: SessionOptions | None = Body(None),
+        request: Request, caller: Caller = caller_dep, node_id: str | None = Cookie(None)
     ) -> JSONResponse:
         """A new session (its own cookie, secret and node) starting from a copy of this one's
         workspace (Docker: also its container's filesystem changes); the source runs on untouched.
@@ -134,6 +158,8 @@ def add_lifecycle_routes(app: FastAPI, caller_dep: Any) -> None:
         session's ``labels`` and ``timeout_seconds``/``idle_seconds``. The answer sets the new
         session's cookie."""
         sessions = sessions_of(request)
+        await sessions.session(node_id, caller)  # whose session it is comes before what the body says
+        options = parse_body(SessionOptions, await request.body())
         source, node = await sessions.forks.fork(node_id, caller, options)
         response = _answer(
             node,

@@ -34,6 +34,7 @@ __all__ = [
     "cgroup_processes",
     "free_port",
     "http_ok",
+    "node_of",
     "node_processes",
     "node_servers",
     "processes_under",
@@ -125,6 +126,18 @@ def cgroup_processes(node_ids: Iterable[str], root: Path = SANDBOX_CGROUPS) -> l
                 with contextlib.suppress(psutil.Error):
                     found.append(psutil.Process(pid))
     return found
+
+
+def node_of(proc: psutil.Process) -> str | None:
+    """The node id a process belongs to: its sandbox cgroup (``…/toolserver/<node_id>``, which the
+    node cannot change), else the mark in its environment (process tier). A sandboxed server
+    forked from the template has the template's environment in ``/proc``, not the node's."""
+    with contextlib.suppress(OSError, psutil.Error):
+        for line in Path(f"/proc/{proc.pid}/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if "pids" in controllers.split(",") and path.startswith("/" + SANDBOX_CGROUPS.name + "/"):
+                return path.rsplit("/", 1)[-1]
+    return proc.environ().get("TOOLSERVER_MARK_NODE")
 
 
 def node_servers(data_dir: Path) -> list[psutil.Process]:
