@@ -76,6 +76,8 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         self.head_done = self.complete = self.answered = False
         self.keep_alive = True
+        #: False once the request's body may not all have reached the node (never reused then)
+        self.body_sent = True
         self._informational = False
 
     # ---- asyncio.Protocol ---------------------------------------------------------------------------
@@ -274,7 +276,7 @@ class UpstreamPool:
 
     def put_back(self, key: tuple[str, int], conn: _Connection) -> None:
         self._slots.release()
-        if not (conn.complete and conn.keep_alive) or conn.closed or conn.chunks:
+        if not (conn.complete and conn.keep_alive and conn.body_sent) or conn.closed or conn.chunks:
             conn.abort()
             return
         idle = self._idle.setdefault(key, [])
@@ -362,8 +364,12 @@ class UpstreamPool:
             if writer.done() and writer.exception() is not None:
                 raise writer.exception()  # type: ignore[misc]  # the client went away mid-upload, say
             await reader
-            if not writer.done():  # the node answered before taking the whole body (413, say)
-                conn.keep_alive = False
+            # the node answered before taking the whole body (413, 507, say): the rest of it, or
+            # the node's reading of it, would be taken for the next request on this connection
+            transport = conn.transport
+            unsent = transport is not None and transport.get_write_buffer_size() > 0
+            if not writer.done() or unsent or conn.status >= 400:
+                conn.body_sent = False
         finally:
             for task in (writer, reader):
                 task.cancel()

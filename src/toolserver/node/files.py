@@ -175,7 +175,9 @@ async def receive_upload(request: Request, ctx: NodeContext) -> dict[str, Any]:
         )
     finally:
         if handle is not None and not handle.closed:
-            handle.close()
+            # what is still buffered cannot be written on a full disk: the answer stays the 507
+            with contextlib.suppress(OSError):
+                handle.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=root.dir_fd)
         root.close()

@@ -417,9 +417,13 @@ class ProcessRuntime(Runtime):
         child = self._children.get(mark["node_id"])
         detail = None
         if child is not None and child.pid == mark["pid"] and child.returncode is not None:
-            code = child.returncode
-            detail = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            detail = self._exit_detail(child.returncode)
         return self._info(mark, EXITED, UNHEALTHY, detail)
+
+    @staticmethod
+    def _exit_detail(code: int) -> str:
+        """What a record says of a node process that ended with ``code`` (negative: a signal)."""
+        return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
     async def _probe_paced(self, running: list[NodeInfo]) -> None:
         """Health of running nodes for list(), asked as often as ``health_probe_seconds`` says."""

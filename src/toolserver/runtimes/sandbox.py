@@ -537,6 +537,14 @@ class SandboxRuntime(ProcessRuntime):
             info.detail = reason if info.detail is None else f"{reason}, {info.detail}"
         return info
 
+    @staticmethod
+    def _exit_detail(code: int) -> str:
+        """bwrap ends with 128 + N when the node died of signal N (and the template's waiter with
+        137 when the server ended without a status: SIGKILL, by the kernel's OOM killer or kill -9)."""
+        if 128 < code <= 128 + signal.SIGRTMAX:
+            return f"killed by signal {code - 128}"
+        return ProcessRuntime._exit_detail(code)
+
     def _health_of(self, mark: dict[str, Any]) -> str:
         return HEALTHY if mark["node_id"] in self._healthy_once else STARTING
 

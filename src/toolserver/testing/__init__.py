@@ -102,13 +102,8 @@ def processes_under(path: Path) -> list[psutil.Process]:
 
 
 def node_processes(data_dir: Path) -> list[psutil.Process]:
-    """Node processes (``toolserver node``) whose workspace is under ``data_dir``."""
-    found = []
-    for proc in processes_under(data_dir):
-        with contextlib.suppress(psutil.Error):
-            if "node" in proc.cmdline():
-                found.append(proc)
-    return found
+    """The node servers of the nodes under ``data_dir`` (see :func:`node_servers`)."""
+    return node_servers(data_dir)
 
 
 #: the sandbox tier's node cgroups (pids controller): one group per node id
