@@ -445,12 +445,8 @@ class SandboxRuntime(ProcessRuntime):
         argv += ["bwrap", *inner_args()]
         if waiter:
             return [*argv, "/bin/sh", "-c", WAITER], options
-        return [*argv, *self.node_argv(fd)], options
-
-    def node_argv(self, fd: int) -> list[str]:
-        """The node's own command line (a forked node's /proc shows it too)."""
-        argv = [sys.executable, "-m", "toolserver", "node", "--fd", str(fd), "--workspace", WORKSPACE]
-        return argv + (["--config", NODE_CONFIG] if self.node_config else [])
+        argv += [sys.executable, "-m", "toolserver", "node", "--fd", str(fd), "--workspace", WORKSPACE]
+        return argv + (["--config", NODE_CONFIG] if self.node_config else []), options
 
     async def _spawn_server(
         self,

@@ -37,7 +37,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -287,7 +286,6 @@ class Template:
         self._proc: asyncio.subprocess.Process | None = None
         self._control: socket.socket | None = None
         self._lock = asyncio.Lock()
-        self._thread_lock = threading.Lock()
 
     async def _ensure(self) -> socket.socket:
         if self._control is not None and self._proc is not None and self._proc.returncode is None:
@@ -337,9 +335,8 @@ class Template:
             raise RuntimeBackendError(f"the sandbox template cannot start the node: {answer.get('error')}")
 
     def _ask(self, control: socket.socket, request: dict[str, Any], fds: list[int]) -> dict[str, Any]:
-        with self._thread_lock:
-            socket.send_fds(control, [json.dumps(request).encode()], fds)
-            answer = control.recv(1 << 16)
+        socket.send_fds(control, [json.dumps(request).encode()], fds)  # spawn's lock: one at a time
+        answer = control.recv(1 << 16)
         if not answer:
             raise ConnectionResetError("the sandbox template hung up")
         return json.loads(answer)
