@@ -113,7 +113,9 @@ def _template_uss_mib(manager: Manager) -> float | None:
     with contextlib.suppress(psutil.Error):
         for proc in psutil.Process(manager.pid).children(recursive=True):
             with contextlib.suppress(psutil.Error):
-                if "--template-fd" in proc.cmdline():
+                # A forked server shows the template's command line too; its parent is the
+                # sandbox's bwrap, the template's is the manager.
+                if "--template-fd" in proc.cmdline() and proc.parent().name() != "bwrap":
                     total += proc.memory_full_info().uss
     return total / MIB if total else None
 
@@ -204,6 +206,9 @@ def run(ctx: Context) -> Outcome:
                 f"    {len(cookies)} sessions: {curve[-1]['alive_ms']['p99']:.1f} ms /alive p99", flush=True
             )
         kernels = _with_kernel_mib(manager, cookies[:3])
+        stopping = time.monotonic()
+        clean = manager.stop(timeout=120 + n)  # node.on_shutdown: stop, every node
+        shutdown_s = time.monotonic() - stopping
     floors = uss_floors()
     outcome.raw = {
         "uss_floors_mib": floors,
@@ -211,6 +216,8 @@ def run(ctx: Context) -> Outcome:
         "curve": curve,
         "with_kernel_uss_mib": kernels,
         "seconds": time.monotonic() - started,
+        "shutdown_s": shutdown_s,
+        "shutdown_clean": clean,
     }
     last, first = curve[-1], curve[0]
     outcome.add(
@@ -256,6 +263,13 @@ def run(ctx: Context) -> Outcome:
             sum(kernels) / len(kernels) if kernels else None,
             "MiB",
             f"idle node {last['idle_uss_mib']:.1f} MiB",
+        ),
+        Figure(
+            NAME,
+            f"manager shutdown, stopping its {n + 2} idle nodes (node.on_shutdown: stop)",
+            shutdown_s,
+            "s",
+            "exited by itself" if clean else "killed: it did not finish in time",
         ),
     )
     outcome.add(

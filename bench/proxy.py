@@ -9,6 +9,9 @@ a separate process: asyncio + httptools, closed loop, keep-alive connections):
   off, the secret injected with ``proxy_set_header``);
 * *chp*: JupyterHub's configurable-http-proxy (Node.js; ``bench/chp.py``, installed into
   ``build/chp`` when missing), its default route to the node, the secret as a custom header;
+* *relay*: a bare byte relay on uvloop (``bench/relay.py``), the secret sent by the client: it
+  parses nothing, so its throughput is the ceiling of any proxy written in Python on this machine
+  (the floor of its cost), against which the manager's and nginx's are read;
 * *manager*: the manager's port with the session cookie (``auth: none``);
 * *manager + key*: a second worker process of the same manager (same database, same node) with
   ``auth: api_keys``, the session cookie and ``Authorization: Bearer <key>``; the session was
@@ -43,6 +46,7 @@ from bench.common import Context, Figure, Outcome, at_least, at_most
 from bench.loadgen import build_request, compare, run_in_subprocess
 from bench.nginx import Nginx, ensure_nginx
 from bench.procs import Manager
+from bench.relay import Relay
 from toolserver.testing.tiers import PROCESS, SANDBOX
 
 NAME = "proxy"
@@ -54,7 +58,7 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 }
 EXPECTED = {"small": "42", "1 KB echo": ECHO_DIGITS}
 UNIX = "manager, Unix socket"
-TARGETS = ("direct", "nginx", "chp", "manager", "manager + key", UNIX)
+TARGETS = ("direct", "nginx", "chp", "relay", "manager", "manager + key", UNIX)
 ADDED_P50_MS = 0.4
 #: the node's own answer to the small call (issue 14)
 NODE_P50_MS = 0.4
@@ -198,6 +202,18 @@ def _figures(results: dict[str, Any]) -> list[Figure]:
                     + (f"; Unix-socket node {rps[UNIX]:,.0f} req/s" if UNIX in rps else ""),
                 )
             )
+            if "relay" in rps:
+                rows.append(
+                    Figure(
+                        NAME,
+                        f"{workload}, c={conc}: floor of a Python proxy, a bare uvloop byte relay (req/s)",
+                        rps["relay"],
+                        "req/s",
+                        f"nginx {rps['nginx']:,.0f} req/s, manager {rps['manager']:,.0f} req/s",
+                        note=f"{100 * rps['relay'] / rps['nginx']:.0f}% of nginx; the manager carries "
+                        f"{100 * rps['manager'] / rps['relay']:.0f}% of it",
+                    )
+                )
             if "chp" in rps:
                 chp_ratio = rps["manager"] / rps["chp"] if rps["chp"] else float("nan")
                 rows.append(
@@ -262,6 +278,8 @@ def run(ctx: Context) -> Outcome:
         with contextlib.ExitStack() as stack:
             nginx = stack.enter_context(Nginx(binary, root / "nginx", upstream, record["secret"]))
             ends.add("nginx", nginx.port, {})
+            relay = stack.enter_context(Relay(root / "relay", upstream))
+            ends.add("relay", relay.port, {"X-ToolServer-Node-Secret": record["secret"]})
             if chp_binary is None:
                 outcome.notes.append(f"configurable-http-proxy reference skipped: {chp_why}")
             else:

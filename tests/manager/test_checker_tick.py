@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,8 @@ from toolserver.manager.sessions import SessionService
 from toolserver.manager.settings import Settings, load_settings
 from toolserver.manager.store import Store, open_store, this_process
 from toolserver.runtimes import create_runtime
-from toolserver.runtimes.base import NodeSpec, Runtime
+from toolserver.runtimes.base import NodeInfo, NodeSpec, Runtime
+from toolserver.runtimes.process import ProcessRuntime
 from toolserver.states import NodeStatus
 from toolserver.testing import scratch_config
 
@@ -164,3 +165,56 @@ async def test_tick_leaves_a_create_handed_over_under_it(tmp_path: Path) -> None
     finally:
         await runtime.aclose()
         await store.aclose()
+
+
+class CreatedWhileListing(ProcessRuntime):
+    """Lists its nodes, then lets a create finish before the checker reads the records, as a
+    request of the same manager does while a tick over many nodes is under way: the list has not
+    seen that node, and its record says it runs."""
+
+    finish: Callable[[], Awaitable[None]] | None = None
+
+    async def list(self, manager_id: str) -> list[NodeInfo]:
+        infos = await super().list(manager_id)
+        if self.finish is not None:
+            finish, self.finish = self.finish, None
+            await finish()
+        return infos
+
+
+async def test_tick_keeps_a_session_whose_create_finished_while_the_runtime_listed(tmp_path: Path) -> None:
+    settings = load_settings(None, **scratch_config(tmp_path), isolation="process", manager_id="race-test")
+    store = await open_store(settings.database_url)
+    runtime = CreatedWhileListing(settings.runtime_config, settings.runtime_context())
+    soon = utcnow() + timedelta(seconds=60)
+    node = _record(
+        settings.manager_id, NodeStatus.NEW, Ownership.STARTING, creator=this_process(), deadline=soon
+    )
+    await store.add_node(node)
+
+    async def finish() -> None:  # what SessionService's create writes when the node is up
+        info = await runtime.create(NodeSpec(node.short_id, settings.manager_id, node.secret))
+        info = await runtime.start(info.state)
+        await store.update_node(
+            node.id,
+            status=info.status,
+            runtime_state=info.state,
+            ownership=Ownership.SESSION,
+            creator=None,
+            deadline=None,
+            status_changed_at=utcnow(),
+        )
+
+    runtime.finish = finish
+    checker = _checker(settings, store, runtime)
+    try:
+        first = await checker.tick()
+        second = await checker.tick()  # this list sees the node
+        records = {n.id: n for n in await store.list_nodes(settings.manager_id)}
+        listed = {i.node_id: i for i in await runtime.list(settings.manager_id)}
+    finally:
+        await runtime.aclose()
+        await store.aclose()
+    assert first.deleted == [] and second.deleted == []
+    assert node.id in records and records[node.id].status == NodeStatus.RUNNING
+    assert listed[node.short_id].status == NodeStatus.RUNNING

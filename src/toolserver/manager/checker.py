@@ -181,6 +181,10 @@ class NodeChecker:
             actions.append(_Action("remove", node, "finishing its release", info))
             return
         if info is None:
+            if node.status_changed_at >= self._listed_at:
+                # its create finished after the runtime was asked (a directory the list had
+                # passed): the list cannot say it is gone; the next one will see it
+                return
             log.debug("checker: node %s no longer exists; deleting its record", node.short_id)
             report.deleted.append(node.id)
             actions.append(_Action("remains", node, "its node vanished"))

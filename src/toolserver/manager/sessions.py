@@ -57,6 +57,8 @@ DATABASE_RETRY_SECONDS = 1.0
 #: Longest pause between two readiness polls of a starting node (a poll is one cheap inspect).
 READY_POLL_MAX = 0.05
 MAX_TOKEN_LENGTH = 128
+#: Nodes stopped at once at shutdown: a stop mostly waits for the node to exit (its grace).
+SHUTDOWN_STOPS = 32
 #: Expired routes are dropped when the cache grows past this many entries.
 ROUTE_CACHE_PRUNE_AT = 1024
 #: Time a ready node's record may stay ``starting`` while its cookie is handed over.
@@ -725,7 +727,7 @@ class SessionService:
             with contextlib.suppress(DatabaseUnavailable):
                 elsewhere = await self.store.existing_short_ids(unknown)
                 running = [i for i in running if i.node_id in records or i.node_id not in elsewhere]
-        sem = asyncio.Semaphore(8)
+        sem = asyncio.Semaphore(SHUTDOWN_STOPS)
 
         async def one(info: NodeInfo) -> None:
             async with sem:

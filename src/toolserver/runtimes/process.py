@@ -320,15 +320,22 @@ class ProcessRuntime(Runtime):
         info = self._observe(mark)
         if info.running:
             await self._probe(info)
-        elif info.status == EXITED and info.detail is None:
-            # our child just ended: its exit status reaches the event loop a moment after the
-            # process is gone; wait that moment so the record can say why it stopped
-            child = self._children.get(mark["node_id"])
-            if child is not None and child.pid == mark.get("pid") and child.returncode is None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(child.wait(), EXIT_STATUS_WAIT)
-                info = self._observe(mark)
+        elif await self._exit_status_due(mark, info):
+            info = self._observe(mark)
         return info
+
+    async def _exit_status_due(self, mark: dict[str, Any], info: NodeInfo) -> bool:
+        """Wait for the exit status of a node that just ended as our child, which reaches the event
+        loop a moment after the process is gone (so the record can say why it stopped); whether
+        there was one to wait for."""
+        if info.status != EXITED or info.detail is not None:
+            return False
+        child = self._children.get(mark["node_id"])
+        if child is None or child.pid != mark.get("pid") or child.returncode is not None:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(child.wait(), EXIT_STATUS_WAIT)
+        return True
 
     async def list(self, manager_id: str) -> list[NodeInfo]:
         def scan() -> tuple[list[dict[str, Any]], list[NodeInfo]]:
@@ -340,6 +347,8 @@ class ProcessRuntime(Runtime):
             return mine, [self._observe(m) for m in mine]
 
         marks, infos = await asyncio.to_thread(scan)
+        due = await asyncio.gather(*(self._exit_status_due(m, i) for m, i in zip(marks, infos, strict=True)))
+        infos = [self._observe(m) if d else i for m, i, d in zip(marks, infos, due, strict=True)]
         await self._probe_paced([i for i in infos if i.running])
         await self._reap([m for m, i in zip(marks, infos, strict=True) if i.status == EXITED])
         return infos
