@@ -213,6 +213,9 @@ async def test_tick_keeps_a_session_whose_create_finished_while_the_runtime_list
         records = {n.id: n for n in await store.list_nodes(settings.manager_id)}
         listed = {i.node_id: i for i in await runtime.list(settings.manager_id)}
     finally:
+        for info in await runtime.list(settings.manager_id):
+            await runtime.kill(info.state)
+            await runtime.remove(info.state)
         await runtime.aclose()
         await store.aclose()
     assert first.deleted == [] and second.deleted == []

@@ -128,6 +128,12 @@ def _remove_tree(path: Path) -> None:
     shutil.rmtree(path, onerror=gone_is_fine)
 
 
+async def _exit_status(child: asyncio.subprocess.Process) -> None:
+    """Wait (briefly) for a child that has ended to be reaped."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(child.wait(), EXIT_STATUS_WAIT)
+
+
 def _kill_all(procs: list[psutil.Process], sig: int) -> None:
     for proc in procs:
         with contextlib.suppress(psutil.Error):
@@ -320,22 +326,20 @@ class ProcessRuntime(Runtime):
         info = self._observe(mark)
         if info.running:
             await self._probe(info)
-        elif await self._exit_status_due(mark, info):
+        elif (child := self._exit_pending(mark, info)) is not None:
+            await _exit_status(child)
             info = self._observe(mark)
         return info
 
-    async def _exit_status_due(self, mark: dict[str, Any], info: NodeInfo) -> bool:
-        """Wait for the exit status of a node that just ended as our child, which reaches the event
-        loop a moment after the process is gone (so the record can say why it stopped); whether
-        there was one to wait for."""
+    def _exit_pending(self, mark: dict[str, Any], info: NodeInfo) -> asyncio.subprocess.Process | None:
+        """Our child, when the node just ended as one and its exit status, which reaches the event
+        loop a moment after the process is gone, is not in yet (the record would not say why)."""
         if info.status != EXITED or info.detail is not None:
-            return False
+            return None
         child = self._children.get(mark["node_id"])
         if child is None or child.pid != mark.get("pid") or child.returncode is not None:
-            return False
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(child.wait(), EXIT_STATUS_WAIT)
-        return True
+            return None
+        return child
 
     async def list(self, manager_id: str) -> list[NodeInfo]:
         def scan() -> tuple[list[dict[str, Any]], list[NodeInfo]]:
@@ -347,8 +351,13 @@ class ProcessRuntime(Runtime):
             return mine, [self._observe(m) for m in mine]
 
         marks, infos = await asyncio.to_thread(scan)
-        due = await asyncio.gather(*(self._exit_status_due(m, i) for m, i in zip(marks, infos, strict=True)))
-        infos = [self._observe(m) if d else i for m, i, d in zip(marks, infos, due, strict=True)]
+        pending = {
+            k: c for k, (m, i) in enumerate(zip(marks, infos, strict=True)) if (c := self._exit_pending(m, i))
+        }
+        if pending:
+            await asyncio.gather(*(_exit_status(c) for c in pending.values()))
+            for k in pending:
+                infos[k] = self._observe(marks[k])
         await self._probe_paced([i for i in infos if i.running])
         await self._reap([m for m, i in zip(marks, infos, strict=True) if i.status == EXITED])
         return infos
