@@ -6,8 +6,11 @@ again, so they idle. At each checkpoint (0, N/4, N/2, 3N/4 and N live sessions):
 
 * ``GET /alive``: 200 requests one after another (the manager's responsiveness while the
   checker tracks every node), p50 and p99;
-* warm claim: three sessions claimed from the pool (``/get_cookie``, the pool refilled before each)
-  and released again, p50;
+* warm claim: twelve sessions claimed from the pool (``/get_cookie``, the pool refilled before
+  each) and released again, p50 (with ``--profile``, or when it misses its target at N, py-spy
+  records the manager during twelve more claims at N, refills included);
+* CPU: the CPU time of up to 20 idle node servers (their mean) and of the manager over 5 s in
+  which nothing is asked of them;
 * memory: unique set size (USS, ``psutil`` ``memory_full_info().uss``: the pages no other process
   shares) of up to 20 idle nodes, their mean, both of the node's server alone and of every process
   of the node (the server and its sandbox's bwrap, pasta and waiter processes, as the kernel lists
@@ -26,6 +29,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -35,6 +39,7 @@ from typing import Any
 import httpx
 import psutil
 
+from bench import profiling
 from bench.common import MIB, Context, Figure, Outcome, at_most, summary
 from bench.procs import Manager
 from toolserver.testing import cgroup_processes, node_servers
@@ -47,6 +52,10 @@ IDLE_USS_MIB = 15.0
 WARM_CLAIM_P50_MS = 15.0
 OPEN_AT_ONCE = 4
 USS_SAMPLE = 20
+#: warm claims timed at each step (each waits for the pool to be full again first)
+CLAIMS = 12
+#: seconds over which the CPU time of idle nodes and of the manager is taken at each step
+CPU_SECONDS = 5.0
 EXECUTE = "/execute_tool"
 
 
@@ -71,7 +80,7 @@ def _alive_ms(http: httpx.Client, count: int = 200) -> dict[str, float]:
     return summary(times)
 
 
-def _warm_claims(manager: Manager, http: httpx.Client, count: int = 3) -> list[float]:
+def _warm_claims(manager: Manager, http: httpx.Client, count: int = CLAIMS) -> list[float]:
     out = []
     for _ in range(count):
         deadline = time.monotonic() + 120
@@ -165,8 +174,32 @@ def uss_floors() -> dict[str, float]:
     return out
 
 
+def _idle_cpu(manager: Manager, nodes: list[psutil.Process], seconds: float = CPU_SECONDS) -> dict[str, Any]:
+    """CPU time (ms a second) of up to :data:`USS_SAMPLE` idle node servers, on average, and of
+    the manager, over ``seconds`` of nothing asked."""
+    procs = [psutil.Process(manager.pid), *nodes[:USS_SAMPLE]]
+
+    def used() -> list[float]:
+        out = []
+        for proc in procs:
+            try:
+                times = proc.cpu_times()
+                out.append(times.user + times.system)
+            except psutil.Error:
+                out.append(float("nan"))
+        return out
+
+    before = used()
+    time.sleep(seconds)
+    spent = [(b - a) * 1000 / seconds for a, b in zip(before, used(), strict=True)]
+    node_ms = [x for x in spent[1:] if x == x]
+    mean = sum(node_ms) / len(node_ms) if node_ms else float("nan")
+    return {"manager_ms_per_s": spent[0], "node_ms_per_s": mean}
+
+
 def _checkpoint(manager: Manager, http: httpx.Client, live: int) -> dict[str, Any]:
     nodes = node_servers(manager.data_dir)
+    cpu = _idle_cpu(manager, nodes)
     uss = _uss_mib(nodes)
     mean_uss = sum(uss) / len(uss) if uss else float("nan")
     whole = _whole_node_uss_mib(manager.data_dir)
@@ -182,6 +215,7 @@ def _checkpoint(manager: Manager, http: httpx.Client, live: int) -> dict[str, An
         "template_uss_mib": _template_uss_mib(manager),
         "manager_rss_mib": psutil.Process(manager.pid).memory_info().rss / MIB,
         "available_mib": psutil.virtual_memory().available / MIB,
+        **cpu,
     }
 
 
@@ -200,11 +234,19 @@ def run(ctx: Context) -> Outcome:
     ):
         for step in steps:
             missing = step - len(cookies)
-            cookies += list(pool.map(lambda _: _open(manager.url), range(missing)))
+            try:
+                cookies += list(pool.map(lambda _: _open(manager.url), range(missing)))
+            except httpx.HTTPError:  # the manager's log says why (the work directory goes)
+                shutil.copyfile(manager.log_path, ctx.results_dir / "density-manager.log")
+                raise
             curve.append(_checkpoint(manager, http, len(cookies)))
             print(
                 f"    {len(cookies)} sessions: {curve[-1]['alive_ms']['p99']:.1f} ms /alive p99", flush=True
             )
+        profile = None
+        if ctx.profile or curve[-1]["warm_claim_ms"]["p50"] > WARM_CLAIM_P50_MS:
+            with profiling.attach(manager.pid, ctx.results_dir / "density-claims.pyspy.txt") as profile:
+                _warm_claims(manager, http)
         kernels = _with_kernel_mib(manager, cookies[:3])
         stopping = time.monotonic()
         clean = manager.stop(timeout=120 + n)  # node.on_shutdown: stop, every node
@@ -218,6 +260,7 @@ def run(ctx: Context) -> Outcome:
         "seconds": time.monotonic() - started,
         "shutdown_s": shutdown_s,
         "shutdown_clean": clean,
+        "claims_profile": profile,
     }
     last, first = curve[-1], curve[0]
     outcome.add(
@@ -249,6 +292,14 @@ def run(ctx: Context) -> Outcome:
             f"≤ {IDLE_USS_MIB:g} MiB",
             at_most(last["idle_uss_mib"], IDLE_USS_MIB),
             note=f"the server alone {last['server_uss_mib']:.1f} MiB",
+        ),
+        Figure(
+            NAME,
+            f"CPU of an idle node (its server, mean of {min(USS_SAMPLE, n + 2)}), with {n} idle sessions",
+            last["node_ms_per_s"],
+            "ms/s",
+            f"{last['node_ms_per_s'] * (n + 2) / 1000:.2f} cores for all {n + 2}; the manager "
+            f"{last['manager_ms_per_s']:.0f} ms/s (with none: {first['manager_ms_per_s']:.0f} ms/s)",
         ),
         Figure(
             NAME,
@@ -285,6 +336,11 @@ def run(ctx: Context) -> Outcome:
         f"third-party stack holds {stack:.1f} MiB of its own (same run). Nodes forked from the "
         "template share its pages until they write them."
     )
+    if profile and profile.get("summary"):
+        outcome.notes.append(
+            f"py-spy, manager during {CLAIMS} warm claims with {n} idle sessions (pool refills "
+            "and checker ticks included):\n" + profiling.describe(profile["summary"])
+        )
     outcome.notes.append(
         f"{n} sessions opened {OPEN_AT_ONCE} at a time in {outcome.raw['seconds']:.0f} s; "
         "`BENCH_DENSITY_N=1000 python -m bench only density` for the issue's 1,000."

@@ -30,7 +30,10 @@ ENV PATH=/opt/toolserver/bin:${PATH} \
     TOOLSERVER_NODE_STATE_DIR=/home/toolserver/state
 
 # A fixed, non-root uid/gid: the runtime runs the node as ${TOOLSERVER_UID}:${TOOLSERVER_UID}.
-RUN groupadd --system --gid "${TOOLSERVER_UID}" toolserver \
+# No setuid or setgid program is left in the image (su, mount, passwd...): nothing for a node to
+# raise its privileges with, even where no_new_privs were off.
+RUN find / -xdev -type f -perm /6000 -exec chmod ug-s {} + \
+    && groupadd --system --gid "${TOOLSERVER_UID}" toolserver \
     && useradd --system --uid "${TOOLSERVER_UID}" --gid toolserver --home-dir /home/toolserver \
         --create-home --shell /bin/bash toolserver \
     && mkdir -p /workspace /home/toolserver/state \
@@ -63,4 +66,7 @@ EXPOSE 31942
 HEALTHCHECK --interval=30s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python3", "-I", "-S", "-c", "import urllib.request as r; r.urlopen('http://127.0.0.1:31942/health', timeout=2)"]
 
-ENTRYPOINT ["toolserver", "node", "--host", "0.0.0.0", "--port", "31942", "--workspace", "/workspace"]
+# setpriv: the node and everything it starts can never gain privileges (a setuid binary keeps the
+# caller's uid), whichever runtime starts the container; Docker's no-new-privileges does the same
+# for the Docker tier, but a Swarm service (Engine API 1.41) cannot ask for it.
+ENTRYPOINT ["setpriv", "--no-new-privs", "--", "toolserver", "node", "--host", "0.0.0.0", "--port", "31942", "--workspace", "/workspace"]

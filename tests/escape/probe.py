@@ -6,6 +6,7 @@ only the standard library, so it runs on the Python of every tier. Every walk is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -124,6 +125,33 @@ def gateway() -> dict:
     return {"gateway": None}
 
 
+def privileges() -> dict:
+    """What this process could gain: its no_new_privs flag (the kernel's own answer, prctl), its
+    effective uid and capability sets, and the setuid-root programs it could run."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    no_new_privs = libc.prctl(39, 0, 0, 0, 0)  # PR_GET_NO_NEW_PRIVS
+    caps = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            name, _, value = line.partition(":")
+            if name in ("CapPrm", "CapEff"):
+                caps[name] = int(value.strip(), 16)
+    setuid = []
+    for top in ("/bin", "/usr/bin", "/sbin", "/usr/sbin"):
+        try:
+            names = os.listdir(top)
+        except OSError:
+            continue
+        for name in names:
+            with contextlib.suppress(OSError):
+                st = os.stat(os.path.join(top, name))
+                if st.st_mode & 0o4000 and st.st_uid == 0:
+                    setuid.append(os.path.join(top, name))
+    return {"no_new_privs": no_new_privs, "euid": os.geteuid(), "caps": caps, "setuid_root": setuid[:10]}
+
+
 def main() -> None:
     check, args = sys.argv[1], sys.argv[2:]
     if check == "grep":
@@ -131,6 +159,8 @@ def main() -> None:
         answer = grep(args[:split], args[split + 1 :])
     elif check == "gateway":
         answer = gateway()
+    elif check == "privileges":
+        answer = privileges()
     else:
         answer = {"read": read, "procs": procs, "signal": signal, "connect": connect}[check](args)
     print(json.dumps(answer))

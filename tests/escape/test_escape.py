@@ -64,6 +64,15 @@ def test_no_signal_to_the_manager_or_the_other_node(world: World) -> None:
     assert signalled == [], f"the attacker may signal {signalled}"
 
 
+@pytest.mark.parametrize(**WORLD)
+def test_no_way_to_gain_privileges(world: World) -> None:
+    # no_new_privs: a setuid-root program (su, mount, passwd in an image) runs with the caller's
+    # uid; and the node's processes hold no capability, whatever uid they show
+    got = world.probe("privileges")
+    assert got["no_new_privs"] == 1, f"no_new_privs is off; setuid-root programs here: {got['setuid_root']}"
+    assert got["caps"] == {"CapPrm": 0, "CapEff": 0}, got
+
+
 @pytest.mark.parametrize("world", escape_params(check="connect"), indirect=True)
 def test_no_connection_to_the_manager_or_the_other_node(world: World) -> None:
     gateway = world.probe("gateway")["gateway"]

@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -21,7 +22,7 @@ import pytest_asyncio
 
 from tests.support import ManagerProcess
 from toolserver.errors import ConfigError, NodeNotFound
-from toolserver.runtimes.base import PAUSED, RUNNING
+from toolserver.runtimes.base import EXITED, PAUSED, RUNNING, NodeInfo
 from toolserver.runtimes.health import node_healthy
 from toolserver.runtimes.process import MARK_FILE
 from toolserver.runtimes.sandbox import SandboxRuntime
@@ -78,6 +79,63 @@ async def test_a_node_listed_as_it_starts_is_running_and_survives(sandbox: Confo
         assert listed.status == RUNNING, f"listed as {listed.status} ({listed.detail}) right after its start"
         await sandbox.ready(runtime, started.state)
         await runtime.remove(started.state)
+
+
+@pytest.mark.asyncio
+async def test_lists_see_a_killed_node_and_a_restarted_one_and_keep_no_descriptor(
+    sandbox: ConformanceHarness,
+) -> None:
+    """After its first full check a running node is answered by a pidfd of its process: its death
+    shows at the next list all the same, its restart (a new process) is checked afresh, and a node
+    removed leaves no descriptor open in the manager."""
+    runtime = sandbox.runtime()
+    pidfds_before = _pidfds()
+    spec, info = await sandbox.started(runtime)
+
+    async def listed() -> NodeInfo:
+        (found,) = [i for i in await runtime.list(sandbox.manager_id) if i.node_id == spec.node_id]
+        return found
+
+    assert (await listed()).status == RUNNING
+    assert (await listed()).status == RUNNING  # the second list asks the pidfd
+    server = json.loads((Path(info.state["dir"]) / MARK_FILE).read_text())["pid"]
+    os.kill(server, signal.SIGKILL)
+    await sandbox.until(runtime, info.state, lambda i: i.status == EXITED, "exited")
+    assert (await listed()).status == EXITED
+    info = await runtime.start(info.state)  # a new server, a new process to check
+    await sandbox.ready(runtime, info.state)
+    assert (await listed()).status == RUNNING
+    assert (await listed()).status == RUNNING
+    assert _pidfds() > pidfds_before
+    await runtime.remove(info.state)
+    await runtime.list(sandbox.manager_id)
+    assert _pidfds() == pidfds_before, "the removed node's pidfd is still open"
+
+
+@pytest.mark.asyncio
+async def test_a_node_starts_when_the_manager_holds_more_than_1024_descriptors(
+    sandbox: ConformanceHarness,
+) -> None:
+    """A manager of a thousand nodes holds more than 1,024 descriptors (their pidfds, upstream
+    connections): the sandbox's start must not wait on them with select(), whose limit that is
+    (the 1,000-session benchmark got 503s 'filedescriptor out of range in select()')."""
+    runtime = sandbox.runtime()
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        _spec, info = await sandbox.started(runtime)
+        assert info.status == RUNNING
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def _pidfds() -> int:
+    """Open pidfds of this process (the runtime's, here)."""
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            found += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]"
+    return found
 
 
 @pytest.mark.asyncio

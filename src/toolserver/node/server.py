@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.util
 import logging
@@ -41,6 +42,7 @@ def serve(
     close_inherited(keep=fd)
 
     config_class, server_class = uvicorn_server()
+    server_class = quiet_server(server_class)
 
     from toolserver.node.app import create_app
     from toolserver.node.settings import load_node_config
@@ -98,6 +100,36 @@ def uvicorn_server() -> tuple[Any, Any]:
     from uvicorn.server import Server
 
     return Config, Server
+
+
+#: seconds between the server's housekeeping ticks (uvicorn's own loop wakes every 0.1 s)
+TICK_SECONDS = 1.0
+
+
+def quiet_server(server_class: Any) -> Any:
+    """uvicorn's ``Server`` waking once a second instead of ten times, and at once on SIGTERM.
+
+    uvicorn's main loop sleeps 0.1 s between checks of its exit flag: ten wake-ups a second of
+    an idle node, about 1.3 ms of CPU a second each; a thousand idle nodes spent more than half
+    of this machine's two cores on them. Here the loop waits for the exit signal with a timeout
+    of :data:`TICK_SECONDS`, the period of uvicorn's own once-a-second work (the Date header).
+    """
+
+    class QuietServer(server_class):  # type: ignore[misc, valid-type]
+        async def main_loop(self) -> None:
+            self._woken = asyncio.Event()
+            self._loop = asyncio.get_running_loop()
+            while not await self.on_tick(0):  # counter 0: the once-a-second work on every tick
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._woken.wait(), TICK_SECONDS)
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            loop = getattr(self, "_loop", None)
+            if loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(self._woken.set)
+
+    return QuietServer
 
 
 def close_inherited(keep: int | None = None) -> list[int]:

@@ -26,12 +26,14 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -96,21 +98,45 @@ _JOIN_CGROUPS = (
 
 def _wait_ready(fd: int, timeout: float) -> bool:
     """Whether the waiter wrote its line on ``fd`` within ``timeout`` (False: the sandbox ended)."""
-    readable, _, _ = select.select([fd], [], [], timeout)
-    return bool(readable) and os.read(fd, 64).startswith(b"ready")
+    poller = select.poll()  # not select(): a manager of many nodes holds descriptors past 1024
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000)) and os.read(fd, 64).startswith(b"ready")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Host pids below ``pid``, from the kernel's children lists (``/proc/P/task/T/children``):
+    the cost is the tree's, not the host's (psutil's ``children`` reads every process on it)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{parent}/task"):
+                with contextlib.suppress(OSError):
+                    with open(f"/proc/{parent}/task/{task}/children") as fh:
+                        kids = [int(k) for k in fh.read().split()]
+                    found += kids
+                    todo += kids
+    return found
 
 
 def _waiter_of(pid: int, uid: int) -> int:
     """The waiter's host pid: the one ``sh`` of the node's uid below the sandbox's first process
     (nothing of the node's runs there yet, so the tree is the sandbox's own)."""
     try:
-        below = psutil.Process(pid).children(recursive=True)
+        below = [psutil.Process(p) for p in _descendants(pid)]
         found = [p.pid for p in below if p.name() == "sh" and p.uids().real == uid]
     except psutil.Error as exc:
         raise RuntimeBackendError(f"the sandbox ended as it started: {exc}") from exc
     if len(found) != 1:
         raise RuntimeBackendError(f"the sandbox has {len(found)} waiters, not 1")
     return found[0]
+
+
+def _ended(pidfd: int) -> bool:
+    """Whether the process of ``pidfd`` has ended (a pidfd turns readable then)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def socket_path(node_dir: Path) -> Path:
@@ -161,6 +187,11 @@ class SandboxRuntime(ProcessRuntime):
         self.cgroup_root = Path(config.cgroup_root)
         #: the pre-imported process nodes are forked from (None: every node imports its own stack)
         self.template = Template(node_env({})) if config.template else None
+        #: node id -> ((pid, start time) of its mark, pidfd, manager id) of nodes seen running
+        self._pidfds: dict[str, tuple[tuple[Any, Any], int, str]] = {}
+        self._pidfd_lock = threading.RLock()
+        #: pidfds held at most (a quarter of the descriptor limit; nodes beyond get the full check)
+        self._pidfd_budget = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4
 
     # ---- checks -------------------------------------------------------------------------------------
 
@@ -489,17 +520,55 @@ class SandboxRuntime(ProcessRuntime):
     async def aclose(self) -> None:
         if self.template is not None:
             await self.template.aclose()
+        for node_id in list(self._pidfds):
+            self._forget_pidfd(node_id)
         await super().aclose()
+
+    async def list(self, manager_id: str) -> list[NodeInfo]:
+        infos = await super().list(manager_id)
+        listed = {i.node_id for i in infos}
+        held = list(self._pidfds.items())
+        for node_id in [n for n, (_key, _fd, owner) in held if owner == manager_id and n not in listed]:
+            self._forget_pidfd(node_id)  # removed since: its pidfd goes with it
+        return infos
 
     def _alive(self, mark: dict[str, Any]) -> psutil.Process | None:
         """The node's process, if it still runs: same pid, same start time, in the node's cgroup."""
         proc = _process(mark.get("pid"), mark.get("create_time"))
         if proc is None:
             return None
-        cgroup = self._cgroup(mark["node_id"])
-        if cgroup.available() and proc.pid not in cgroup.pids():
+        if not self._cgroup(mark["node_id"]).holds(proc.pid):
             return None
         return proc
+
+    def _running(self, mark: dict[str, Any]) -> bool:
+        """``_alive`` for every list: once a node's process has passed it, a pidfd of that very
+        process answers (one poll, and no pid reuse can fool it) until the process ends."""
+        node_id, key = mark["node_id"], (mark.get("pid"), mark.get("create_time"))
+        with self._pidfd_lock:  # lists and inspects run in threads: an fd is closed once
+            held = self._pidfds.get(node_id)
+            if held is not None:
+                if held[0] == key and not _ended(held[1]):
+                    return True
+                self._forget_pidfd(node_id)
+            proc = self._alive(mark)
+            if proc is None or len(self._pidfds) >= self._pidfd_budget:
+                return proc is not None
+            try:
+                fd = os.pidfd_open(proc.pid)
+            except OSError:
+                return False
+            if self._alive(mark) is None:  # ended (and its pid maybe taken) as the pidfd was opened
+                os.close(fd)
+                return False
+            self._pidfds[node_id] = (key, fd, mark["manager_id"])
+            return True
+
+    def _forget_pidfd(self, node_id: str) -> None:
+        with self._pidfd_lock:
+            held = self._pidfds.pop(node_id, None)
+            if held is not None:
+                os.close(held[1])
 
     def _info(
         self, mark: dict[str, Any], status: str, health: str = "Unknown", detail: str | None = None
@@ -522,7 +591,7 @@ class SandboxRuntime(ProcessRuntime):
             return self._info(mark, CREATED)
         cgroup = self._cgroup(mark["node_id"])
         reason = cgroup.reason()
-        if self._alive(mark) is not None:
+        if self._running(mark):
             if cgroup.frozen():
                 return self._info(mark, PAUSED, self._health_of(mark), reason)
             return self._info(mark, RUNNING, STARTING, reason)
@@ -575,10 +644,10 @@ class SandboxRuntime(ProcessRuntime):
         the first process below the sandbox's own wrappers (bwrap, pasta, ...), which would kill the
         node at once instead of letting it shut down, and whose children (a running command) are the
         node's to stop."""
-        try:
-            tree = [proc, *proc.children(recursive=True)]
-        except psutil.Error:
-            return
+        tree = [proc]
+        for pid in _descendants(proc.pid):
+            with contextlib.suppress(psutil.Error):
+                tree.append(psutil.Process(pid))
         for child in tree:
             with contextlib.suppress(psutil.Error, ProcessLookupError):
                 parent = child.parent()

@@ -27,6 +27,9 @@ CONTROLLERS = ("memory", "pids", "cpu", "freezer")
 #: cgroup directory of every node, under each controller
 GROUP = "toolserver"
 CFS_PERIOD_US = 100_000
+#: seconds the machine's writable controllers are taken as known (every list asks for every node)
+CONTROLLERS_TTL = 30.0
+_controllers: dict[Path, tuple[float, list[str]]] = {}
 
 
 @dataclass(frozen=True)
@@ -40,13 +43,29 @@ class NodeCgroup:
         return self.root / controller / GROUP / self.node_id
 
     def available(self) -> list[str]:
-        """Controllers whose ``toolserver`` group exists or can be made here."""
-        found = []
-        for controller in CONTROLLERS:
-            base = self.root / controller
-            if (base / "cgroup.procs").is_file() and os.access(base, os.W_OK):
-                found.append(controller)
-        return found
+        """Controllers whose ``toolserver`` group exists or can be made here (the machine's, the
+        same for every node: looked up at most every :data:`CONTROLLERS_TTL` seconds)."""
+        now = time.monotonic()
+        cached = _controllers.get(self.root)
+        if cached is None or cached[0] < now:
+            found = []
+            for controller in CONTROLLERS:
+                base = self.root / controller
+                if (base / "cgroup.procs").is_file() and os.access(base, os.W_OK):
+                    found.append(controller)
+            cached = _controllers[self.root] = (now + CONTROLLERS_TTL, found)
+        return list(cached[1])
+
+    def holds(self, pid: int) -> bool:
+        """Whether ``pid`` is in the node's group of its first controller (the kernel's list; a node
+        process joins every group before the runtime names it, so one group tells)."""
+        controllers = self.available()
+        if not controllers:
+            return True
+        with contextlib.suppress(OSError, ValueError):
+            text = (self.path(controllers[0]) / "cgroup.procs").read_text()
+            return str(pid) in text.split()
+        return False
 
     def create(self, limits: ResourceLimits) -> list[str]:
         """Make the node's groups and set ``limits``; the ``cgroup.procs`` files to join."""

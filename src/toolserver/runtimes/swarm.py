@@ -29,8 +29,9 @@ scale to 1 and force a new task (the restart policy is ``none``: the manager res
 a node whose host died is placed again, elsewhere if the constraints allow, by reconnect.
 
 What the Docker tier has and a Swarm service cannot express on Engine API 1.41 (Docker 20.10):
-``no-new-privileges`` (the node still runs as uid 10001 with every capability dropped, so a
-setuid binary gains nothing but the uid), an OCI runtime per service (for gVisor, make ``runsc``
+``no-new-privileges`` (the node image sets it on itself instead: its entrypoint is ``setpriv
+--no-new-privs``, so the node and all it starts run with it; an image of your own must do the
+same), an OCI runtime per service (for gVisor, make ``runsc``
 the default runtime of the worker engines and constrain placement to them with a node label),
 devices and device requests. ``creation_kwargs`` keys that would need them are refused at load.
 """
