@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0
 
-    from toolserver.errors import ConfigError
+    from toolserver.errors import ConfigError, DatabaseUnavailable
     from toolserver.manager.settings import load_settings
 
     overrides = {}
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             serve_manager(settings, log_level=args.log_level)
-        except ConfigError as exc:
+        except (ConfigError, DatabaseUnavailable) as exc:
             print(f"toolserver: cannot start the manager: {exc}", file=sys.stderr)
             return 2
     elif args.command == "nodes":

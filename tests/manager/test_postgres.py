@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support import ManagerProcess, PostgresServer, wait_until
+from tests.support import ManagerProcess, PostgresServer, free_port, wait_until
 from toolserver.client import ToolServerClient
 from toolserver.manager.models import Ownership, ToolServerNode, utcnow
 from toolserver.manager.store import KeyQuota, open_store, this_process
@@ -140,3 +145,57 @@ async def test_a_key_quota_is_atomic_across_stores_on_postgres(postgres_url: str
     finally:
         for s in stores:
             await s.aclose()
+
+
+def test_a_manager_started_before_its_database_waits_for_it_and_serves(
+    manager_factory: Callable[..., ManagerProcess],
+) -> None:
+    """A stack starts its services in any order: the manager waits for PostgreSQL, then serves."""
+    server = PostgresServer()
+    starter = threading.Timer(3.0, server.start)
+    try:
+        manager = manager_factory(start=False, database_url=server.url, database_wait_seconds=60)
+        starter.start()
+        manager.start()
+        assert "waiting up to 60 s for it" in manager.log()
+        assert "Traceback" not in manager.log()
+        with ToolServerClient(manager.url) as client, client.session() as session:
+            assert session.execute_tool("calculator", {"expression": "6*7"}) == 42
+    finally:
+        starter.join()
+        server.remove()
+
+
+def test_a_database_that_never_answers_stops_the_manager_with_a_clear_error(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "TOOLSERVER_DATABASE_URL": f"postgresql+asyncpg://toolserver:s3cret@127.0.0.1:{free_port()}/postgres",
+        "TOOLSERVER_DATABASE_WAIT_SECONDS": "1",
+        "TOOLSERVER_DATA_DIR": str(tmp_path),
+        "TOOLSERVER_PORT": str(free_port()),
+    }
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "toolserver", "manager"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert time.monotonic() - started < 30
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "toolserver: cannot start the manager: postgresql+asyncpg://toolserver:***@127.0.0.1:"
+    )
+    assert "database unavailable" in last and "after 1 s" in last
+    assert "Traceback" not in done.stderr and "s3cret" not in done.stderr
+
+
+def test_a_sqlite_file_that_cannot_be_made_stops_the_manager_at_once(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    env = {**os.environ, "TOOLSERVER_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/file/sub/x.db"}
+    env["TOOLSERVER_PORT"] = str(free_port())
+    done = subprocess.run(
+        [sys.executable, "-m", "toolserver", "manager"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stderr
+    assert "cannot start the manager: sqlite+aiosqlite:///" in done.stderr
+    assert "Not a directory" in done.stderr
+    assert "Traceback" not in done.stderr

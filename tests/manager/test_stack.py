@@ -22,6 +22,19 @@ def test_the_stack_runs_replicas_a_database_and_a_load_balancer() -> None:
     assert "toolserver_db_password" in manager["secrets"]
 
 
+def test_names_resolve_to_tasks_and_the_lb_asks_again() -> None:
+    """Virtual IPs need IPVS, which this machine's kernel lacks (deployed, the managers got "No route
+    to host" to postgres and nginx would not start): DNS round robin, resolved at request time."""
+    services = yaml.safe_load(STACK.read_text())["services"]
+    assert services["manager"]["deploy"]["endpoint_mode"] == "dnsrr"
+    assert services["postgres"]["deploy"]["endpoint_mode"] == "dnsrr"
+    conf = (STACK.parent / "nginx.conf").read_text()
+    directives = [line.split("#")[0].strip() for line in conf.splitlines()]
+    assert "resolver 127.0.0.11 valid=2s ipv6=off;" in directives
+    assert "proxy_pass http://$managers:8080;" in directives
+    assert not any(line.startswith("upstream") for line in directives)
+
+
 def test_the_managers_environment_is_accepted_and_the_password_read_from_the_secret(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -13,6 +13,7 @@ from toolserver.logs import configure_logging
 from toolserver.manager.app import create_app
 from toolserver.manager.limits import LimitedHttpToolsProtocol
 from toolserver.manager.settings import Settings
+from toolserver.manager.store import wait_for_database
 from toolserver.runtimes import create_runtime
 from toolserver.runtimes.sandbox_config import parse_size
 
@@ -56,8 +57,11 @@ def memory_overcommit(settings: Settings, host_bytes: int) -> str | None:
 
 
 async def preflight(settings: Settings) -> None:
-    """The chosen runtime's :meth:`~toolserver.runtimes.base.Runtime.preflight` (ConfigError when it
-    cannot run on this machine); a warning when its nodes could need more memory than the host has."""
+    """The database, brought up to date once it answers (DatabaseUnavailable when it does not within
+    ``database_wait_seconds``); the chosen runtime's :meth:`~toolserver.runtimes.base.Runtime.preflight`
+    (ConfigError when it cannot run on this machine); a warning when its nodes could need more memory
+    than the host has."""
+    await wait_for_database(settings.database_url, settings.database_wait_seconds)
     if settings.isolation in MEMORY_LIMITED_HERE:
         overcommit = memory_overcommit(settings, psutil.virtual_memory().total)
         if overcommit:
@@ -70,7 +74,8 @@ async def preflight(settings: Settings) -> None:
 
 
 def serve_manager(settings: Settings, log_level: str = "info") -> None:
-    """Serve the manager; ConfigError (before serving) when its runtime cannot run here."""
+    """Serve the manager; ConfigError (before serving) when its runtime cannot run here,
+    DatabaseUnavailable when its database does not answer in time."""
     configure_logging(log_level, settings.log_format)  # preflight's warnings in the configured form
     asyncio.run(preflight(settings))
     uvicorn.Server(uvicorn_config(settings, log_level)).run()

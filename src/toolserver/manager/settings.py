@@ -214,6 +214,9 @@ class Settings(EnvOverYamlSettings):
     database_password_file: Path | None = Field(
         None, description="file holding the database password (a Docker secret), put into database_url"
     )
+    database_wait_seconds: float = Field(
+        60, ge=0, description="how long a starting manager waits for an unreachable database"
+    )
     data_dir: Path = Path("data")
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)

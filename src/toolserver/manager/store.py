@@ -562,4 +562,48 @@ async def open_store(url: str) -> Store:
     return store
 
 
-__all__ = ["Admission", "KeyQuota", "Store", "creator_alive", "open_store", "pid_alive", "this_process"]
+async def wait_for_database(url: str, wait_seconds: float) -> None:
+    """Bring the database up to date once it answers, waiting up to ``wait_seconds`` for it (a manager
+    may start before its database, as a stack's services do); DatabaseUnavailable naming it after that.
+    A SQLite file either opens or does not: it is not waited for."""
+    try:
+        store = Store(url)
+    except OSError as exc:  # the SQLite file's directory cannot be made
+        where = make_url(url).render_as_string(hide_password=True)
+        raise DatabaseUnavailable(f"{where}: {exc.filename}: {exc.strerror}") from None
+    where = store.url.render_as_string(hide_password=True)
+    if store.url.get_backend_name() == "sqlite":
+        wait_seconds = 0
+    deadline = asyncio.get_running_loop().time() + wait_seconds
+    waiting = False
+    try:
+        while True:
+            try:
+                async with store._reachable():
+                    await store.migrate()
+                break
+            except DatabaseUnavailable as exc:
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    waited = f" after {wait_seconds:g} s" if wait_seconds else ""
+                    raise DatabaseUnavailable(f"{where}: {exc}{waited}") from None
+                if not waiting:
+                    log.warning("%s: %s; waiting up to %g s for it", where, exc, wait_seconds)
+                    waiting = True
+                await asyncio.sleep(min(1.0, left))
+        if waiting:
+            log.info("%s answers", where)
+    finally:
+        await store.aclose()
+
+
+__all__ = [
+    "Admission",
+    "KeyQuota",
+    "Store",
+    "creator_alive",
+    "open_store",
+    "pid_alive",
+    "this_process",
+    "wait_for_database",
+]
