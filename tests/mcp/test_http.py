@@ -34,6 +34,9 @@ def rpc_answer(resp: httpx.Response) -> dict:
 
 
 async def test_concurrent_sessions_are_isolated(mcp_manager: ManagerProcess) -> None:
+    both_live, looked = anyio.Event(), anyio.Event()
+    live: list[str] = []
+
     async def one(name: str, seen: dict[str, set[str]]) -> None:
         async with mcp_client(mcp_manager, "http") as client:
             # the stateless probe was refused, so the client fell back to initialize
@@ -41,17 +44,22 @@ async def test_concurrent_sessions_are_isolated(mcp_manager: ManagerProcess) -> 
             await client.call_tool(
                 "FileSystemEnv_write_to_file", {"filepath": f"{name}.txt", "content": name}
             )
-            await anyio.sleep(0.5)  # both sessions live at once
+            live.append(name)
+            if len(live) == 2:
+                both_live.set()
+            await both_live.wait()  # both sessions live at once
             files = {r.name for r in (await client.list_resources()).resources}
             # the workspace's identity (device and inode): sandboxed nodes all call theirs /workspace
             where = await client.call_tool("shell_command_executor", {"command": "stat -c %d:%i ."})
             seen[name] = files | {where.structured_content["output"].strip()}
+            await looked.wait()  # the session stays open until its record has been looked at
 
     seen: dict[str, set[str]] = {}
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(one, "alpha", seen)
         tasks.start_soon(one, "beta", seen)
-        await anyio.sleep(1.0)
+        with anyio.fail_after(60):
+            await both_live.wait()
 
         def held_by_sessions() -> bool:
             # both nodes belong to their MCP sessions (handed over), so the checker never takes them
@@ -61,6 +69,7 @@ async def test_concurrent_sessions_are_isolated(mcp_manager: ManagerProcess) -> 
         await anyio.to_thread.run_sync(
             lambda: wait_until(held_by_sessions, timeout=30, what="two handed-over session nodes")
         )
+        looked.set()
     assert "alpha.txt" in seen["alpha"] and "beta.txt" not in seen["alpha"]
     assert "beta.txt" in seen["beta"] and "alpha.txt" not in seen["beta"]
     assert not seen["alpha"] & seen["beta"]  # not even the workspace directory is shared
