@@ -57,7 +57,7 @@ def memory_overcommit(settings: Settings, host_bytes: int) -> str | None:
 
 
 async def preflight(settings: Settings) -> None:
-    """The database, brought up to date once it answers (DatabaseUnavailable when it does not within
+    """The database, waited for (DatabaseUnavailable when it does not answer within
     ``database_wait_seconds``); the chosen runtime's :meth:`~toolserver.runtimes.base.Runtime.preflight`
     (ConfigError when it cannot run on this machine); a warning when its nodes could need more memory
     than the host has."""

@@ -204,6 +204,11 @@ class Store:
         async with self.engine.begin() as conn:
             await conn.run_sync(_alembic_upgrade)
 
+    async def ping(self) -> None:
+        """One round trip to the database (DatabaseUnavailable when it does not answer)."""
+        async with self._read() as s:
+            await s.execute(text("SELECT 1"))
+
     async def aclose(self) -> None:
         await self.engine.dispose()
 
@@ -563,9 +568,9 @@ async def open_store(url: str) -> Store:
 
 
 async def wait_for_database(url: str, wait_seconds: float) -> None:
-    """Bring the database up to date once it answers, waiting up to ``wait_seconds`` for it (a manager
-    may start before its database, as a stack's services do); DatabaseUnavailable naming it after that.
-    A SQLite file either opens or does not: it is not waited for."""
+    """Return once the database answers, waiting up to ``wait_seconds`` for it (a manager may start
+    before its database, as a stack's services do); DatabaseUnavailable naming it after that. A
+    SQLite file either opens or does not: it is not waited for. (The manager migrates it afterwards.)"""
     try:
         store = Store(url)
     except OSError as exc:  # the SQLite file's directory cannot be made
@@ -579,8 +584,7 @@ async def wait_for_database(url: str, wait_seconds: float) -> None:
     try:
         while True:
             try:
-                async with store._reachable():
-                    await store.migrate()
+                await store.ping()
                 break
             except DatabaseUnavailable as exc:
                 left = deadline - asyncio.get_running_loop().time()
