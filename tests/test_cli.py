@@ -87,3 +87,12 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
             main([*command.split(), "--help"])
         assert exit_.value.code == 0, command
         assert ("--url" in capsys.readouterr().out) != (command == "nodes"), command
+
+
+def test_a_cookie_never_begins_with_a_dash(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cookie beginning with "-" (one in 64 did) was taken for an option after ``--session``."""
+    from toolserver.manager import models
+
+    drawn = iter(["-OAksMPktYU_qPxM7k", "OAksMPktYU_qPxM7k"])
+    monkeypatch.setattr(models.secrets, "token_urlsafe", lambda nbytes: next(drawn))
+    assert models.new_token() == "OAksMPktYU_qPxM7k"

@@ -60,8 +60,11 @@ def utcnow() -> datetime:
 
 
 def new_token() -> str:
-    """A session cookie or node secret: 256 random bits, URL-safe."""
-    return secrets.token_urlsafe(32)
+    """A session cookie or node secret: 256 random bits, URL-safe, never beginning with "-" (one
+    cookie in 64 did, and ``toolserver exec --session <it>`` took it for an option)."""
+    while (token := secrets.token_urlsafe(32)).startswith("-"):
+        pass
+    return token
 
 
 class Base(DeclarativeBase):
