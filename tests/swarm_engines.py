@@ -8,6 +8,9 @@ own bridge (``tsw<n>br``, made in its namespace: ``--bridge=none`` would delete 
 ``/sys`` and hides the cgroup hierarchy dockerd needs. The node image is copied to it with
 ``docker save | docker load`` (the image id stays the same). Everything is removed afterwards, and
 the machine's engine is put back in the swarm state the test session had.
+
+:func:`swarm_on_veth` alone is the one-host swarm the stack deploy test uses (its managers run in
+containers, which must reach the nodes at the swarm's address).
 """
 
 from __future__ import annotations
@@ -97,57 +100,74 @@ def why_not() -> str | None:
 
 
 @contextlib.contextmanager
-def two_engine_swarm(image: str, index: int = 0) -> Iterator[SecondEngine]:
-    """The machine's engine as swarm manager at ``10.231.<index>.1`` and a second one as worker."""
-    netns = f"tsw{os.getpid() % 1000}x{index}"
-    root = Path(tempfile.mkdtemp(prefix="toolserver-engine2-"))
-    engine = SecondEngine(root, netns, f"10.231.{index}.2", f"10.231.{index}.1")
+def swarm_on_veth(netns: str, index: int) -> Iterator[str]:
+    """The machine's engine as the manager of a swarm that advertises ``10.231.<index>.1``, the host
+    end (``<netns>h``) of a veth pair whose other end (``<netns>n``, ``10.231.<index>.2``, a default
+    route back) is in the new network namespace ``netns``. Containers reach that address, unlike
+    127.0.0.1. Yields it; afterwards the swarm is as the test session had it and the pair is gone."""
+    host_address, inside_address = f"10.231.{index}.1", f"10.231.{index}.2"
     had_swarm = SESSION.initialised
-    host_if = f"{netns}h"
+    host_if, inside_if = f"{netns}h", f"{netns}n"
     try:
         _run("ip", "netns", "add", netns)
-        _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", f"{netns}n")
-        _run("ip", "link", "set", f"{netns}n", "netns", netns)
-        _run("ip", "addr", "add", f"{engine.host_address}/24", "dev", host_if)
+        _run("ip", "link", "add", host_if, "type", "veth", "peer", "name", inside_if)
+        _run("ip", "link", "set", inside_if, "netns", netns)
+        _run("ip", "addr", "add", f"{host_address}/24", "dev", host_if)
         _run("ip", "link", "set", host_if, "up")
         inside = ["ip", "netns", "exec", netns, "ip"]
-        _run(*inside, "addr", "add", f"{engine.address}/24", "dev", f"{netns}n")
-        _run(*inside, "link", "set", f"{netns}n", "up")
+        _run(*inside, "addr", "add", f"{inside_address}/24", "dev", inside_if)
+        _run(*inside, "link", "set", inside_if, "up")
         _run(*inside, "link", "set", "lo", "up")
-        _run(*inside, "route", "add", "default", "via", engine.host_address)
-        _run(*inside, "link", "add", f"{netns}br", "type", "bridge")
-        _run(*inside, "addr", "add", f"10.232.{index}.1/24", "dev", f"{netns}br")
-        _run(*inside, "link", "set", f"{netns}br", "up")
-        engine.start()
-        if not SESSION.reinit(engine.host_address):
-            raise RuntimeError(f"docker swarm init --advertise-addr {engine.host_address}: {SESSION.error}")
-        token = _run("docker", "swarm", "join-token", "-q", "worker").strip()
-        manager = f"{engine.host_address}:2377"
-        engine.docker("swarm", "join", "--advertise-addr", engine.address, "--token", token, manager)
-        engine.swarm_node = engine.docker("info", "--format", "{{.Swarm.NodeID}}").strip()
-        # a stopped worker is marked down after a few heartbeats: make them 1 s (our swarm only)
-        _run("docker", "swarm", "update", "--dispatcher-heartbeat", "1s")
-        save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
-        try:
-            load = ["docker", "-H", engine.socket, "load", "-q"]
-            loaded = subprocess.run(load, stdin=save.stdout, capture_output=True, timeout=600)
-        finally:
-            save.wait(600)
-        if loaded.returncode != 0:
-            raise RuntimeError(f"docker load on the second engine: {loaded.stderr.decode(errors='replace')}")
-        yield engine
+        _run(*inside, "route", "add", "default", "via", host_address)
+        if not SESSION.reinit(host_address):
+            raise RuntimeError(f"docker swarm init --advertise-addr {host_address}: {SESSION.error}")
+        yield host_address
     finally:
-        with contextlib.suppress(Exception):
-            engine.docker("swarm", "leave", "--force", timeout=30, check=False)
-        engine.stop()
-        if engine.swarm_node:
-            _run("docker", "node", "rm", "--force", engine.swarm_node, check=False)
         if had_swarm:
             SESSION.reinit("127.0.0.1")
         else:
             SESSION.restore()
         _run("ip", "netns", "del", netns, check=False)
         _run("ip", "link", "del", host_if, check=False)
+
+
+@contextlib.contextmanager
+def two_engine_swarm(image: str, index: int = 0) -> Iterator[SecondEngine]:
+    """The machine's engine as swarm manager at ``10.231.<index>.1`` and a second one as worker."""
+    netns = f"tsw{os.getpid() % 1000}x{index}"
+    root = Path(tempfile.mkdtemp(prefix="toolserver-engine2-"))
+    engine = SecondEngine(root, netns, f"10.231.{index}.2", f"10.231.{index}.1")
+    try:
+        with swarm_on_veth(netns, index):
+            try:
+                inside = ["ip", "netns", "exec", netns, "ip"]
+                _run(*inside, "link", "add", f"{netns}br", "type", "bridge")
+                _run(*inside, "addr", "add", f"10.232.{index}.1/24", "dev", f"{netns}br")
+                _run(*inside, "link", "set", f"{netns}br", "up")
+                engine.start()
+                token = _run("docker", "swarm", "join-token", "-q", "worker").strip()
+                manager = f"{engine.host_address}:2377"
+                engine.docker("swarm", "join", "--advertise-addr", engine.address, "--token", token, manager)
+                engine.swarm_node = engine.docker("info", "--format", "{{.Swarm.NodeID}}").strip()
+                # a stopped worker is marked down after a few heartbeats: make them 1 s (our swarm only)
+                _run("docker", "swarm", "update", "--dispatcher-heartbeat", "1s")
+                save = subprocess.Popen(["docker", "save", image], stdout=subprocess.PIPE)
+                try:
+                    load = ["docker", "-H", engine.socket, "load", "-q"]
+                    loaded = subprocess.run(load, stdin=save.stdout, capture_output=True, timeout=600)
+                finally:
+                    save.wait(600)
+                if loaded.returncode != 0:
+                    why = loaded.stderr.decode(errors="replace")
+                    raise RuntimeError(f"docker load on the second engine: {why}")
+                yield engine
+            finally:
+                with contextlib.suppress(Exception):
+                    engine.docker("swarm", "leave", "--force", timeout=30, check=False)
+                engine.stop()
+                if engine.swarm_node:
+                    _run("docker", "node", "rm", "--force", engine.swarm_node, check=False)
+    finally:
         for line in reversed(Path("/proc/mounts").read_text().splitlines()):
             where = line.split()[1]
             if where.startswith(str(root)):

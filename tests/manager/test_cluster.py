@@ -35,6 +35,30 @@ def test_a_session_made_on_one_replica_is_served_and_released_through_the_other(
         assert all(row["adopted_by"] is None for row in leases.values())
 
 
+def test_every_replica_lists_every_session_and_an_admin_acts_on_any(tmp_path: Path) -> None:
+    """Behind a load balancer a list must not depend on the replica that answered it."""
+    with cluster(tmp_path) as c:
+        a, b = c.replica(), c.replica()
+        cookies = {cookie_of(a.url): a.manager_id, cookie_of(b.url): b.manager_id}
+        short = {r["id"]: r["short_id"] for r in c.records()}
+        for url in (a.url, b.url):
+            listed = httpx.get(url + "/sessions", timeout=30).json()["sessions"]
+            assert {s["session_id"] for s in listed} == set(cookies)
+            rows = httpx.get(url + "/admin/sessions", timeout=30).json()
+            assert {r["short_id"]: r["manager_id"] for r in rows} == {short[k]: m for k, m in cookies.items()}
+            only_a = httpx.get(url + "/admin/sessions", params={"manager": a.manager_id}, timeout=30).json()
+            assert [r["manager_id"] for r in only_a] == [a.manager_id]
+        made_on_a = next(k for k, m in cookies.items() if m == a.manager_id)
+        r = httpx.get(f"{b.url}/admin/sessions/{short[made_on_a]}", timeout=30)
+        assert r.status_code == 200 and r.json()["manager_id"] == a.manager_id
+        r = httpx.post(f"{b.url}/admin/sessions/{short[made_on_a]}/release", timeout=60)
+        assert r.status_code == 200, r.text
+        assert calc(a.url, made_on_a).status_code == 403
+        assert [r["manager_id"] for r in c.records()] == [b.manager_id]
+        kept = [short[k] for k, m in cookies.items() if m == b.manager_id]
+        wait_until(lambda: c.node_dirs() == kept, timeout=10, what="the released node removed")
+
+
 def test_cluster_max_nodes_counts_every_replica(tmp_path: Path) -> None:
     with cluster(tmp_path) as c:
         a = c.replica(cluster={"max_nodes": 2})

@@ -17,7 +17,7 @@ import pytest
 from tests.support import ManagerProcess, PostgresServer, free_port, wait_until
 from toolserver.client import ToolServerClient
 from toolserver.manager.models import Ownership, ToolServerNode, utcnow
-from toolserver.manager.store import KeyQuota, open_store, this_process
+from toolserver.manager.store import KeyQuota, Store, open_store, this_process
 
 pytestmark = pytest.mark.postgres
 
@@ -63,6 +63,26 @@ async def test_concurrent_claims_on_postgres_never_share_a_node(postgres_url: st
     finally:
         for s in stores:
             await s.aclose()
+
+
+async def test_replicas_started_together_on_a_new_database_all_migrate_it() -> None:
+    """A stack starts its manager replicas at once: deployed, one of two died creating the tables
+    the other was creating (UniqueViolation on alembic_version), until migrations took a lock."""
+    server = PostgresServer()
+    server.start()
+    stores: list[Store] = []
+    try:
+        stores = [Store(server.url) for _ in range(4)]
+        # without the lock they also deadlocked here: fail in a minute rather than hang
+        await asyncio.wait_for(asyncio.gather(*(s.migrate() for s in stores)), 60)
+        await asyncio.gather(*(s.ping() for s in stores))
+        versions = await asyncio.to_thread(server.rows, "SELECT version_num FROM alembic_version")
+        assert len(versions) == 1
+        assert await stores[3].list_nodes(None) == []
+    finally:
+        for store in stores:
+            await store.aclose()
+        server.remove()
 
 
 def test_session_lifecycle_on_postgres(

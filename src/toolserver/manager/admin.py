@@ -48,6 +48,7 @@ class SessionInfo(BaseModel):
     age_seconds: int
     idle_seconds: int
     detail: str | None
+    manager_id: str = Field(description="the replica that keeps the record true (its checker)")
 
 
 class Event(BaseModel):
@@ -115,6 +116,7 @@ async def session_infos(request: Request, nodes: list[ToolServerNode]) -> list[d
                 "owner": node.owner,
                 "owner_name": names.get(node.owner) if node.owner else None,
                 "labels": node.labels or {},
+                "manager_id": node.manager_id,
             }
         )
     return out
@@ -140,10 +142,12 @@ async def list_sessions(
     min_age_seconds: Annotated[float | None, Query(ge=0, le=1e9)] = None,
     max_age_seconds: Annotated[float | None, Query(ge=0, le=1e9)] = None,
     pooled: Annotated[bool, Query(description="include warm-pool nodes")] = False,
+    manager: Annotated[str | None, Query(max_length=255, description="only this replica's records")] = None,
 ) -> list[dict[str, Any]]:
-    """This manager's sessions, oldest first, filtered by status, owner, label and age."""
+    """The sessions of every manager sharing the database (any replica answers alike), oldest
+    first, filtered by status, owner, label, age and the replica that keeps them."""
     sessions = _sessions(request)
-    nodes = await sessions.store.list_nodes(sessions.manager_id)
+    nodes = await sessions.store.list_nodes(manager)
     now = utcnow()
     if owner is not None:
         keyring = _keyring(request)

@@ -419,7 +419,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> ManagerApp
         """The caller's sessions (every one for an admin key), those carrying every label asked for."""
         state = request.app.state
         filters = parse_label_filters(label)
-        return await list_sessions(state.store, state.activity, settings.manager_id, caller, filters)
+        return await list_sessions(state.store, state.activity, caller, filters)
 
     @app.post(
         "/reconnect_session",

@@ -3,8 +3,9 @@
 Each session as ``{"session_id", "short_id", "status", "health", "labels", "created_at",
 "last_req_time"}``; ``session_id`` is the cookie (``client.connect(session_id)`` uses it). A
 caller sees the sessions its API key opened; an admin key (and everyone with ``auth: none``) sees
-every session of the manager. Pool nodes, creates whose cookie has not gone out and releases
-under way are no one's session and never listed.
+every session. Every manager sharing the database is listed: behind a load balancer any replica
+answers, and the list must not depend on which one did. Pool nodes, creates whose cookie has not
+gone out and releases under way are no one's session and never listed.
 """
 
 from __future__ import annotations
@@ -35,11 +36,10 @@ def _iso(when: datetime) -> str:
 
 
 async def list_sessions(
-    store: Store, activity: ActivityBuffer, manager_id: str, caller: Caller, labels: dict[str, str]
+    store: Store, activity: ActivityBuffer, caller: Caller, labels: dict[str, str]
 ) -> dict[str, Any]:
-    """The sessions of ``manager_id`` that ``caller`` may use and that carry every label of ``labels``,
-    oldest first."""
-    nodes = sorted(await store.list_nodes(manager_id), key=lambda n: n.created_at)
+    """The sessions that ``caller`` may use and that carry every label of ``labels``, oldest first."""
+    nodes = sorted(await store.list_nodes(None), key=lambda n: n.created_at)
     sessions = []
     for node in nodes:
         own = dict(node.labels or {})

@@ -119,6 +119,8 @@ class Admission:
 
 
 _NODES = ToolServerNode.__table__
+#: The advisory lock a migration holds (PostgreSQL).
+MIGRATION_LOCK = "toolserver.migrate"
 #: The advisory lock every admission takes first while ``cluster.max_nodes`` is set.
 CLUSTER_LOCK = "cluster:max_nodes"
 
@@ -200,8 +202,12 @@ class Store:
             yield s
 
     async def migrate(self) -> None:
-        """Apply Alembic migrations up to head."""
+        """Apply Alembic migrations up to head. On PostgreSQL one manager at a time (an advisory lock
+        for the transaction): replicas started together on a new database would otherwise all
+        create the tables, and all but one fail."""
         async with self.engine.begin() as conn:
+            if self.url.get_backend_name() == "postgresql":
+                await conn.execute(select(func.pg_advisory_xact_lock(func.hashtext(MIGRATION_LOCK))))
             await conn.run_sync(_alembic_upgrade)
 
     async def ping(self) -> None:
@@ -222,10 +228,13 @@ class Store:
         async with self._read() as s:
             return await s.get(ToolServerNode, node_id)
 
-    async def list_nodes(self, manager_id: str) -> list[ToolServerNode]:
+    async def list_nodes(self, manager_id: str | None) -> list[ToolServerNode]:
+        """The records ``manager_id`` keeps; None: those of every manager sharing the database."""
+        query = select(ToolServerNode)
+        if manager_id is not None:
+            query = query.where(ToolServerNode.manager_id == manager_id)
         async with self._read() as s:
-            rows = await s.scalars(select(ToolServerNode).where(ToolServerNode.manager_id == manager_id))
-            return list(rows)
+            return list(await s.scalars(query))
 
     async def count_live_nodes(self, manager_id: str) -> int:
         async with self._read() as s:
