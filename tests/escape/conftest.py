@@ -42,7 +42,9 @@ UNCONFINED = "the process tier confines nothing: nodes run as the manager's user
 #: Known gaps of a tier, by check: expected failures (strict), reported as XFAIL with the reason.
 GAPS = {
     ("swarm", "connect"): "swarm tier: a host-mode published port listens on every address of the "
-    "engine's host (Swarm's port config has no host IP), so a node reaches another through the gateway",
+    "engine's host (Swarm's port config has no host IP), so a node reaches another through the gateway; "
+    "and service tasks share the default bridge, inter-container traffic on, so it reaches the other's "
+    "container address too",
     ("swarm", "disk"): "swarm tier: no workspace size limit yet (runtime_config.workspace_size is "
     "Docker and gVisor only)",
 }
@@ -145,18 +147,15 @@ def _addresses(record: dict[str, Any]) -> list[str]:
     for value in state.values():
         if isinstance(value, str) and value.startswith("unix:"):
             found.append(value)
-    if state.get("container_id"):
+    containers = [state["container_id"]] if state.get("container_id") else []
+    if state.get("service_id"):  # a swarm node: its task's container, on this engine
+        label = f"label=com.docker.swarm.service.id={state['service_id']}"
+        ps = ["docker", "ps", "-q", "--filter", label]
+        containers += subprocess.run(ps, capture_output=True, text=True, timeout=30).stdout.split()
+    for container in containers:
+        ips = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}"
         out = subprocess.run(
-            [
-                "docker",
-                "inspect",
-                "-f",
-                "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}",
-                state["container_id"],
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
+            ["docker", "inspect", "-f", ips, container], capture_output=True, text=True, timeout=30
         )
         found += [f"{ip}:31942" for ip in out.stdout.split()]
     return found
