@@ -30,11 +30,16 @@ from toolserver.testing import wait_until
 from toolserver.testing.swarm import SESSION, swarm_state
 
 
-def _run(*argv: str, timeout: float = 60, check: bool = True) -> str:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+def _run(*argv: str, timeout: float = 60, check: bool = True, stdin: str | None = None) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=stdin)
     if check and done.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip() or done.stdout.strip()}")
     return done.stdout
+
+
+def docker(*args: str, timeout: float = 120, check: bool = True, stdin: str | None = None) -> str:
+    """The machine's docker CLI: its stdout (RuntimeError with its message when it fails and ``check``)."""
+    return _run("docker", *args, timeout=timeout, check=check, stdin=stdin)
 
 
 @dataclass

@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import secrets
-import socket
 import subprocess
 import threading
 import time
@@ -25,9 +24,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.cluster_support import CALC
 from tests.support import wait_until
-from tests.swarm_engines import swarm_on_veth, why_not
+from tests.swarm_engines import docker, swarm_on_veth, why_not
 from toolserver.runtimes.base import LABEL_MANAGER
+from toolserver.testing import free_port
 from toolserver.testing.tiers import docker_unavailable_reason
 
 pytestmark = [pytest.mark.docker, pytest.mark.swarm, pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -36,7 +37,6 @@ ROOT = Path(__file__).resolve().parents[2]
 STACK = "tsstack"
 SECRET = "toolserver_db_password"  # the stack file's external secret
 REPLICAS = {"swarm-manager-1", "swarm-manager-2"}
-CALC = {"tool_name": "calculator", "arguments": {"expression": "6*7"}}
 
 # run inside a manager container: every cookie's tool call on that replica, as JSON
 CALL_EACH = """
@@ -51,19 +51,6 @@ for cookie in cookies:
         out[cookie] = json.load(answer)
 print(json.dumps(out))
 """
-
-
-def docker(*args: str, timeout: float = 120, check: bool = True, stdin: str | None = None) -> str:
-    done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, input=stdin)
-    if check and done.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)}: {done.stderr.strip() or done.stdout.strip()}")
-    return done.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("0.0.0.0", 0))
-        return int(s.getsockname()[1])
 
 
 def replica_containers() -> dict[str, str]:
@@ -122,7 +109,7 @@ def deployed(port: int) -> Iterator[None]:
             docker("volume", "rm", "-f", volume, check=False)
 
 
-def test_the_stack_serves_sessions_through_either_replica_and_survives_losing_one(tmp_path: Path) -> None:
+def test_the_stack_serves_sessions_through_either_replica_and_survives_losing_one() -> None:
     reason = docker_unavailable_reason() or why_not()
     if reason:
         pytest.skip(reason)
@@ -132,7 +119,7 @@ def test_the_stack_serves_sessions_through_either_replica_and_survives_losing_on
     )
     assert build.returncode == 0, build.stderr[-3000:]
     built = time.monotonic()
-    port = free_port()
+    port = free_port("0.0.0.0")  # the lb publishes on every address
     lb = f"http://127.0.0.1:{port}"
     with swarm_on_veth(f"tsstk{os.getpid() % 1000}", 9), deployed(port):
 

@@ -68,8 +68,8 @@ async def test_concurrent_claims_on_postgres_never_share_a_node(postgres_url: st
 async def test_replicas_started_together_on_a_new_database_all_migrate_it() -> None:
     """A stack starts its manager replicas at once: deployed, one of two died creating the tables
     the other was creating (UniqueViolation on alembic_version), until migrations took a lock."""
-    server = PostgresServer()
-    server.start()
+    server = await asyncio.to_thread(PostgresServer)
+    await asyncio.to_thread(server.start)
     stores: list[Store] = []
     try:
         stores = [Store(server.url) for _ in range(4)]
@@ -82,7 +82,7 @@ async def test_replicas_started_together_on_a_new_database_all_migrate_it() -> N
     finally:
         for store in stores:
             await store.aclose()
-        server.remove()
+        await asyncio.to_thread(server.remove)
 
 
 def test_session_lifecycle_on_postgres(
